@@ -1,0 +1,1321 @@
+//! The controller: one run per key at a time, through the pipeline below.
+//!
+//! ```text
+//! 1. cooldown    cheap check; a rejection is a value (CoolingDown { remaining }), not a wait
+//! 2. in-flight?  join the run already going for the key, or skip / queue one / replace
+//! 3. lock        per-key lock with a fencing token (here: a concurrent map; across replicas: a
+//!                lease from a Coordinator)
+//! 4. budget      one deadline for the whole run, all attempts included
+//! 5. attempts    retry loop with backoff + jitter; each attempt takes a concurrency permit and
+//!                a rate token, runs under min(attempt timeout, budget left) with a child
+//!                cancellation token, and gives both back before any backoff sleep
+//! 6. outcome     per-key status, cooldown clock, then the shared result is published
+//! ```
+//!
+//! Why this order: a cooldown rejection costs nothing, so it comes first. Joining the run in
+//! flight before taking the lock makes followers share the leader's result instead of queueing
+//! to run again. The per-key lock comes before any global permit, so no global slot is held
+//! while waiting on one key. Permits and rate tokens are per attempt, so nothing is held during
+//! backoff and every call to the guarded system spends a token. `docs/pipeline.md` says the
+//! same at length; this file is the only place the order is implemented (`Inner::pipeline`).
+//!
+//! The run is a task of its own (under the controller's `TaskTracker`), so no caller — not even
+//! the one that started it — can cancel it by giving up, and the in-flight entry stays until
+//! the run has ended, so giving up never lets a duplicate start.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use futures_util::FutureExt;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::budget::{AttemptEnd, Deadline, Limit, run_bounded};
+use crate::config::RuntimeConfig;
+use crate::cooldown::{self, Cooldown};
+use crate::coord::{Acquire, Coordinator, Lease};
+use crate::error::{CancelReason, Decision, JobError, RunError};
+use crate::flight::{Flight, Shared};
+use crate::job::{Job, JobContext, JobPolicy, Overlap};
+use crate::limit::{Gate, LimitError, Limits};
+use crate::lock::{FencingToken, KeyGuard, KeyedLocks};
+use crate::time::{Clock, Instant, add_saturating, serde_fmt};
+
+/// A job name and a key: what one run is about.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RunKey {
+    job: Arc<str>,
+    key: Arc<str>,
+}
+
+impl RunKey {
+    /// A run key.
+    pub fn new(job: &str, key: &str) -> Self {
+        Self {
+            job: job.into(),
+            key: key.into(),
+        }
+    }
+    /// The job name.
+    pub fn job(&self) -> &str {
+        &self.job
+    }
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl fmt::Debug for RunKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.job, self.key)
+    }
+}
+
+/// A held per-key lock from [`JobRuntimeController::try_acquire`]; released on drop.
+pub type KeyLock = KeyGuard<RunKey>;
+
+/// What a key is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Nothing running and no cooldown.
+    Idle,
+    /// A run is in flight.
+    Running,
+    /// The last run ended and the cooldown has not passed.
+    CoolingDown,
+}
+
+/// Progress reported by a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Items done.
+    pub done: u64,
+    /// Items in all.
+    pub total: u64,
+}
+
+/// The status of one job and key.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct KeyStatus {
+    /// Job name.
+    pub job: String,
+    /// Key.
+    pub key: String,
+    /// Idle, running or cooling down.
+    pub state: RunState,
+    /// Runs started (attempted at least once).
+    pub runs: u64,
+    /// Runs that succeeded.
+    pub successes: u64,
+    /// Runs that failed.
+    pub failures: u64,
+    /// Callers that joined a run in flight instead of starting one.
+    pub coalesced: u64,
+    /// Calls refused because the key was cooling down.
+    pub cooldown_rejections: u64,
+    /// Retries (attempts after the first).
+    pub retries: u64,
+    /// When the last run started.
+    #[serde(serialize_with = "serde_fmt::rfc3339")]
+    pub last_start: Option<SystemTime>,
+    /// When the last successful run ended.
+    #[serde(serialize_with = "serde_fmt::rfc3339")]
+    pub last_success: Option<SystemTime>,
+    /// How long the last run took (milliseconds in serde).
+    #[serde(serialize_with = "serde_fmt::millis")]
+    pub last_duration: Option<Duration>,
+    /// The last error's message.
+    pub last_error: Option<String>,
+    /// The last error's kind (`failed`, `panicked`, …).
+    pub last_error_kind: Option<&'static str>,
+    /// Cooldown left (milliseconds in serde).
+    #[serde(serialize_with = "serde_fmt::millis")]
+    pub cooldown_remaining: Option<Duration>,
+    /// Progress of the run in flight (or the last one).
+    pub progress: Option<Progress>,
+    /// The last heartbeat or progress report.
+    #[serde(serialize_with = "serde_fmt::rfc3339")]
+    pub last_heartbeat: Option<SystemTime>,
+    /// Details given with the last heartbeat.
+    pub heartbeat_details: Option<String>,
+    /// The fencing token of the run in flight (or the last one).
+    pub fencing_token: Option<FencingToken>,
+}
+
+#[derive(Debug, Default)]
+struct KeyData {
+    running: bool,
+    not_before: Option<Instant>,
+    keep_until: Option<Instant>,
+    runs: u64,
+    successes: u64,
+    failures: u64,
+    cooldown_rejections: u64,
+    retries: u64,
+    last_start: Option<SystemTime>,
+    last_success: Option<SystemTime>,
+    last_duration: Option<Duration>,
+    last_error: Option<String>,
+    last_error_kind: Option<&'static str>,
+    progress: Option<Progress>,
+    last_heartbeat: Option<SystemTime>,
+    heartbeat_details: Option<String>,
+    fencing: Option<FencingToken>,
+}
+
+/// Per-key state: status counters and the cooldown clock. Lives while the key is running,
+/// cooling down or retained; housekeeping removes it after that.
+#[derive(Debug)]
+pub(crate) struct KeyRecord {
+    coalesced: AtomicU64,
+    data: Mutex<KeyData>,
+}
+
+impl KeyRecord {
+    fn new() -> Self {
+        Self {
+            coalesced: AtomicU64::new(0),
+            data: Mutex::new(KeyData::default()),
+        }
+    }
+
+    fn data(&self) -> MutexGuard<'_, KeyData> {
+        // A panic never happens while this lock is held; recover the data if one ever did.
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cooldown_remaining(&self, now: Instant) -> Option<Duration> {
+        cooldown::remaining(self.data().not_before, now)
+    }
+
+    pub(crate) fn progress(&self, done: u64, total: u64) {
+        self.data().progress = Some(Progress { done, total });
+    }
+
+    pub(crate) fn heartbeat(&self, at: SystemTime, details: Option<&str>) {
+        let mut d = self.data();
+        d.last_heartbeat = Some(at);
+        if let Some(s) = details {
+            d.heartbeat_details = Some(s.to_string());
+        }
+    }
+
+    fn removable(&self, now: Instant) -> bool {
+        let d = self.data();
+        !d.running && d.not_before.is_none_or(|t| t <= now) && d.keep_until.is_none_or(|t| t <= now)
+    }
+
+    fn status(&self, rk: &RunKey, now: Instant) -> KeyStatus {
+        let d = self.data();
+        let cooldown_remaining = cooldown::remaining(d.not_before, now);
+        KeyStatus {
+            job: rk.job.to_string(),
+            key: rk.key.to_string(),
+            state: if d.running {
+                RunState::Running
+            } else if cooldown_remaining.is_some() {
+                RunState::CoolingDown
+            } else {
+                RunState::Idle
+            },
+            runs: d.runs,
+            successes: d.successes,
+            failures: d.failures,
+            coalesced: self.coalesced.load(Ordering::Relaxed),
+            cooldown_rejections: d.cooldown_rejections,
+            retries: d.retries,
+            last_start: d.last_start,
+            last_success: d.last_success,
+            last_duration: d.last_duration,
+            last_error: d.last_error.clone(),
+            last_error_kind: d.last_error_kind,
+            cooldown_remaining,
+            progress: d.progress,
+            last_heartbeat: d.last_heartbeat,
+            heartbeat_details: d.heartbeat_details.clone(),
+            fencing_token: d.fencing,
+        }
+    }
+}
+
+/// Sizes of the controller's per-key maps, for leak tests and monitoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Footprint {
+    /// Keys with status or cooldown state.
+    pub keys: usize,
+    /// Slots allocated for them.
+    pub key_capacity: usize,
+    /// Runs in flight.
+    pub flights: usize,
+    /// Slots allocated for them.
+    pub flight_capacity: usize,
+    /// Locks held.
+    pub locks: usize,
+    /// Slots allocated for them.
+    pub lock_capacity: usize,
+}
+
+const REASON_NONE: u8 = 0;
+
+/// Cancellation of one run, with the reason recorded first.
+#[derive(Debug)]
+struct RunHandle {
+    token: CancellationToken,
+    reason: AtomicU8,
+    /// Cancelled once the run has fully ended (its lock released).
+    ended: CancellationToken,
+}
+
+impl RunHandle {
+    fn new(parent: &CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            token: parent.child_token(),
+            reason: AtomicU8::new(REASON_NONE),
+            ended: CancellationToken::new(),
+        })
+    }
+
+    fn cancel(&self, reason: CancelReason) {
+        let code = match reason {
+            CancelReason::Replaced => 1,
+            CancelReason::Shutdown => 2,
+            CancelReason::LeaseLost => 3,
+        };
+        let _ =
+            self.reason
+                .compare_exchange(REASON_NONE, code, Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> CancelReason {
+        match self.reason.load(Ordering::Acquire) {
+            1 => CancelReason::Replaced,
+            3 => CancelReason::LeaseLost,
+            _ => CancelReason::Shutdown,
+        }
+    }
+}
+
+/// A flight with its output type erased, so runs of every job share one map.
+trait ErasedFlight: Send + Sync {
+    fn fail(&self, e: JobError);
+    fn any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<T: Send + Sync + 'static> ErasedFlight for Flight<T> {
+    fn fail(&self, e: JobError) {
+        self.complete(Err(e));
+    }
+    fn any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+type Starter = Box<dyn FnOnce(u64, Arc<RunHandle>) + Send + Sync>;
+
+/// The run queued behind the one in flight (overlap `QueueOne`).
+struct Queued {
+    flight: Arc<dyn ErasedFlight>,
+    start: Option<Starter>,
+    job: Arc<str>,
+    key: Arc<str>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if self.start.is_some() {
+            // Never started (the current run was replaced, or the controller went away).
+            self.flight.fail(JobError::Cancelled {
+                job: self.job.clone(),
+                key: self.key.clone(),
+                reason: CancelReason::Replaced,
+            });
+        }
+    }
+}
+
+/// The in-flight entry of a key.
+struct Slot {
+    id: u64,
+    run: Arc<RunHandle>,
+    flight: Arc<dyn ErasedFlight>,
+    record: Arc<KeyRecord>,
+    queued: Option<Queued>,
+}
+
+struct Inner {
+    config: RuntimeConfig,
+    clock: Clock,
+    locks: Arc<KeyedLocks<RunKey>>,
+    flights: DashMap<RunKey, Slot>,
+    keys: DashMap<RunKey, Arc<KeyRecord>>,
+    limits: Limits,
+    coord: Option<Arc<dyn Coordinator>>,
+    tracker: TaskTracker,
+    root: CancellationToken,
+    next_run: AtomicU64,
+    since_sweep: AtomicU64,
+}
+
+/// The heart of the crate: runs jobs per key through the pipeline (see the module docs).
+///
+/// Cheap to clone (an `Arc`), `Send + Sync`.
+///
+/// ```
+/// use job_runtime::{JobPolicy, JobRuntimeController, RuntimeConfig};
+/// use std::sync::Arc;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let ctl = JobRuntimeController::new(RuntimeConfig::default());
+/// let policy = JobPolicy::default();
+/// // Two concurrent callers of one key share one run and one Arc.
+/// let (a, b) = tokio::join!(
+///     ctl.run("scan", "user-1", &policy, |_ctx| async { Ok(vec![1, 2, 3]) }),
+///     ctl.run("scan", "user-1", &policy, |_ctx| async { Ok(vec![9]) }),
+/// );
+/// assert!(Arc::ptr_eq(&a.unwrap(), &b.unwrap()));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct JobRuntimeController {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for JobRuntimeController {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobRuntimeController")
+            .field("footprint", &self.footprint())
+            .field("coordinator", &self.inner.coord)
+            .finish()
+    }
+}
+
+impl JobRuntimeController {
+    /// A controller coordinating in this process.
+    pub fn new(config: RuntimeConfig) -> Self {
+        Self::build(config, None, Clock::new())
+    }
+
+    /// A controller coordinating through a shared backend (locks as leases, shared cooldowns).
+    pub fn with_coordinator(config: RuntimeConfig, coord: Arc<dyn Coordinator>) -> Self {
+        Self::build(config, Some(coord), Clock::new())
+    }
+
+    /// A controller whose wall time comes from `clock` (for tests with a set wall start).
+    pub fn with_clock(config: RuntimeConfig, clock: Clock) -> Self {
+        Self::build(config, None, clock)
+    }
+
+    fn build(config: RuntimeConfig, coord: Option<Arc<dyn Coordinator>>, clock: Clock) -> Self {
+        let global = Gate::new(config.max_concurrency.map(|n| n.get()), config.rate_limit);
+        let groups = config
+            .groups
+            .iter()
+            .map(|(name, g)| {
+                (
+                    Arc::from(name.as_str()),
+                    Gate::new(g.concurrency.map(|n| n.get()), g.rate),
+                )
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                limits: Limits::new(global, groups),
+                config,
+                clock,
+                locks: Arc::new(KeyedLocks::new()),
+                flights: DashMap::new(),
+                keys: DashMap::new(),
+                coord,
+                tracker: TaskTracker::new(),
+                root: CancellationToken::new(),
+                next_run: AtomicU64::new(1),
+                since_sweep: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// Runs `f` for (`job`, `key`) through the pipeline and returns the shared result.
+    ///
+    /// `f` is called once per attempt. Dropping the returned future never cancels the run.
+    pub async fn run<T, F, Fut>(
+        &self,
+        job: &str,
+        key: &str,
+        policy: &JobPolicy,
+        f: F,
+    ) -> Result<Arc<T>, JobError>
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        self.start(job, key, policy, false, f).await
+    }
+
+    /// Like [`run`](Self::run), bypassing the cooldown (a manual rescan).
+    pub async fn run_forced<T, F, Fut>(
+        &self,
+        job: &str,
+        key: &str,
+        policy: &JobPolicy,
+        f: F,
+    ) -> Result<Arc<T>, JobError>
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        self.start(job, key, policy, true, f).await
+    }
+
+    /// Runs a [`Job`] plugin for `key` under its own policy.
+    pub async fn run_job<J: Job>(
+        &self,
+        job: &Arc<J>,
+        key: &str,
+    ) -> Result<Arc<J::Output>, JobError> {
+        let j = Arc::clone(job);
+        let policy = job.policy();
+        self.run(job.name(), key, &policy, move |ctx| {
+            let j = Arc::clone(&j);
+            async move { j.run(ctx).await }
+        })
+        .await
+    }
+
+    /// Takes the lock of (`job`, `key`) if free — the same lock runs take. Never waits.
+    pub fn try_acquire(&self, job: &str, key: &str) -> Option<KeyLock> {
+        self.inner.locks.try_acquire(RunKey::new(job, key))
+    }
+
+    /// Takes the lock of (`job`, `key`), waiting at most `wait` (zero: try once).
+    pub async fn acquire(&self, job: &str, key: &str, wait: Duration) -> Result<KeyLock, JobError> {
+        let rk = RunKey::new(job, key);
+        self.inner
+            .locks
+            .acquire(rk.clone(), wait)
+            .await
+            .map_err(|e| JobError::LockTimeout {
+                job: rk.job,
+                key: rk.key,
+                waited: e.waited,
+            })
+    }
+
+    /// The status of (`job`, `key`), or `None` when the key has no state (never ran, or idle
+    /// and pruned after its cooldown and retention).
+    pub fn status(&self, job: &str, key: &str) -> Option<KeyStatus> {
+        let rk = RunKey::new(job, key);
+        let rec = self.inner.keys.get(&rk)?;
+        Some(rec.status(&rk, Instant::now()))
+    }
+
+    /// The status of every key with state, sorted by job and key.
+    pub fn statuses(&self) -> Vec<KeyStatus> {
+        let now = Instant::now();
+        let mut v: Vec<_> = self
+            .inner
+            .keys
+            .iter()
+            .map(|e| e.value().status(e.key(), now))
+            .collect();
+        v.sort_by(|a, b| (&a.job, &a.key).cmp(&(&b.job, &b.key)));
+        v
+    }
+
+    /// Keys with state (running, cooling down or retained).
+    pub fn len(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// `true` when no key has state.
+    pub fn is_empty(&self) -> bool {
+        self.inner.keys.is_empty()
+    }
+
+    /// Sizes of every per-key map.
+    pub fn footprint(&self) -> Footprint {
+        let i = &self.inner;
+        Footprint {
+            keys: i.keys.len(),
+            key_capacity: i.keys.capacity(),
+            flights: i.flights.len(),
+            flight_capacity: i.flights.capacity(),
+            locks: i.locks.len(),
+            lock_capacity: i.locks.capacity(),
+        }
+    }
+
+    /// Removes the state of idle keys whose cooldown and retention have passed, and gives
+    /// memory back after bulk removal. Runs by itself as runs finish (amortised); call it to
+    /// prune now. Returns the number of keys removed.
+    pub fn housekeep(&self) -> usize {
+        self.inner.housekeep()
+    }
+
+    /// Free permits of the global limit (`None`) or a group; `None` if that scope has no
+    /// concurrency limit.
+    pub fn available_permits(&self, group: Option<&str>) -> Option<usize> {
+        let g = group.map(crate::job::normalize_name);
+        self.inner.limits.available(g.as_deref())
+    }
+
+    /// Stops accepting runs, lets runs in flight go on for `grace`, then cancels them and waits
+    /// for them to end. Returns `true` if every run finished within the grace period.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        let t = &self.inner.tracker;
+        t.close();
+        let clean = tokio::time::timeout(grace, t.wait()).await.is_ok();
+        self.inner.root.cancel();
+        t.wait().await;
+        clean
+    }
+
+    async fn start<T, F, Fut>(
+        &self,
+        job: &str,
+        key: &str,
+        policy: &JobPolicy,
+        force: bool,
+        f: F,
+    ) -> Result<Arc<T>, JobError>
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        let rk = RunKey::new(job, key);
+        if inner.root.is_cancelled() {
+            return Err(JobError::Cancelled {
+                job: rk.job,
+                key: rk.key,
+                reason: CancelReason::Shutdown,
+            });
+        }
+        let policy = inner.config.effective_policy(job, policy);
+        if let Some(g) = &policy.group
+            && !inner.limits.has_group(g)
+        {
+            return Err(inner.unknown_group(&rk, g));
+        }
+
+        // 1. cooldown
+        let existing = inner.keys.get(&rk).map(|r| Arc::clone(r.value()));
+        if !force {
+            if let Some(rec) = &existing
+                && let Some(remaining) = rec.cooldown_remaining(Instant::now())
+            {
+                rec.data().cooldown_rejections += 1;
+                return Err(cooling(&rk, remaining));
+            }
+            if let Some(c) = &inner.coord {
+                match c.cooldown_remaining(job, key).await {
+                    Ok(None) => {}
+                    Ok(Some(remaining)) => return Err(cooling(&rk, remaining)),
+                    Err(e) => {
+                        return Err(JobError::Backend {
+                            job: rk.job,
+                            key: rk.key,
+                            source: e.0,
+                        });
+                    }
+                }
+            }
+        }
+
+        // 2. in flight?
+        let (flight, launch) = match inner.flights.entry(rk.clone()) {
+            Entry::Occupied(mut o) => match policy.overlap {
+                Overlap::Skip => {
+                    return Err(JobError::Busy {
+                        job: rk.job,
+                        key: rk.key,
+                    });
+                }
+                Overlap::Coalesce => {
+                    let slot = o.get();
+                    slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
+                    (downcast::<T>(&slot.flight, &rk)?, None)
+                }
+                Overlap::QueueOne => {
+                    let slot = o.get_mut();
+                    slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
+                    match &slot.queued {
+                        Some(q) => (downcast::<T>(&q.flight, &rk)?, None),
+                        None => {
+                            downcast::<T>(&slot.flight, &rk)?;
+                            let flight = Arc::new(Flight::<T>::new());
+                            let start = self.starter(&rk, &policy, &slot.record, &flight, f);
+                            slot.queued = Some(Queued {
+                                flight: flight.clone(),
+                                start: Some(start),
+                                job: rk.job.clone(),
+                                key: rk.key.clone(),
+                            });
+                            (flight, None)
+                        }
+                    }
+                }
+                Overlap::Replace => {
+                    let slot = o.get_mut();
+                    downcast::<T>(&slot.flight, &rk)?;
+                    slot.run.cancel(CancelReason::Replaced);
+                    let prev_ended = slot.run.ended.clone();
+                    let flight = Arc::new(Flight::<T>::new());
+                    let run = RunHandle::new(&inner.root);
+                    let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                    slot.id = id;
+                    slot.run = Arc::clone(&run);
+                    slot.flight = flight.clone();
+                    slot.queued = None;
+                    let record = Arc::clone(&slot.record);
+                    (
+                        flight.clone(),
+                        Some((id, run, record, flight, f, Some(prev_ended))),
+                    )
+                }
+            },
+            Entry::Vacant(v) => {
+                let record = match existing {
+                    Some(r) => r,
+                    None => Arc::clone(
+                        inner
+                            .keys
+                            .entry(rk.clone())
+                            .or_insert_with(|| Arc::new(KeyRecord::new()))
+                            .value(),
+                    ),
+                };
+                // Re-check under the in-flight entry: a run that ended since the first check has
+                // set its cooldown before removing its entry.
+                if !force && let Some(remaining) = record.cooldown_remaining(Instant::now()) {
+                    record.data().cooldown_rejections += 1;
+                    return Err(cooling(&rk, remaining));
+                }
+                let flight = Arc::new(Flight::<T>::new());
+                let run = RunHandle::new(&inner.root);
+                let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                v.insert(Slot {
+                    id,
+                    run: Arc::clone(&run),
+                    flight: flight.clone(),
+                    record: Arc::clone(&record),
+                    queued: None,
+                });
+                (flight.clone(), Some((id, run, record, flight, f, None)))
+            }
+        };
+        if let Some((id, run, record, flight, f, prev)) = launch {
+            let policy = Arc::new(policy.into_owned());
+            Inner::launch(
+                &self.inner,
+                rk,
+                policy,
+                record,
+                id,
+                run,
+                flight,
+                Arc::new(f),
+                prev,
+            );
+        }
+        flight.wait().await
+    }
+
+    /// A closure that starts a queued run later, from the task of the run before it.
+    fn starter<T, F, Fut>(
+        &self,
+        rk: &RunKey,
+        policy: &JobPolicy,
+        record: &Arc<KeyRecord>,
+        flight: &Arc<Flight<T>>,
+        f: F,
+    ) -> Starter
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        let inner = Arc::downgrade(&self.inner);
+        let (rk, record, flight) = (rk.clone(), Arc::clone(record), Arc::clone(flight));
+        let policy = Arc::new(policy.clone());
+        Box::new(move |id, run| {
+            if let Some(inner) = inner.upgrade() {
+                Inner::launch(
+                    &inner,
+                    rk,
+                    policy,
+                    record,
+                    id,
+                    run,
+                    flight,
+                    Arc::new(f),
+                    None,
+                );
+            }
+        })
+    }
+}
+
+fn cooling(rk: &RunKey, remaining: Duration) -> JobError {
+    JobError::CoolingDown {
+        job: rk.job.clone(),
+        key: rk.key.clone(),
+        remaining,
+    }
+}
+
+fn downcast<T: Send + Sync + 'static>(
+    flight: &Arc<dyn ErasedFlight>,
+    rk: &RunKey,
+) -> Result<Arc<Flight<T>>, JobError> {
+    Arc::clone(flight)
+        .any()
+        .downcast::<Flight<T>>()
+        .map_err(|_| JobError::Misconfigured {
+            job: rk.job.clone(),
+            message: format!(
+                "key `{}` is in flight with another output type; one job name must always produce the same type",
+                rk.key
+            ),
+        })
+}
+
+fn panic_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Ends a run exactly once: records the outcome, publishes the result, hands the slot to the
+/// queued run or removes it. On drop without `finish` (the task was dropped by a runtime
+/// shutting down, or the pipeline panicked) it ends the run as cancelled, so no waiter hangs
+/// and no entry leaks.
+struct Finisher<T: Send + Sync + 'static> {
+    inner: Arc<Inner>,
+    rk: RunKey,
+    id: u64,
+    run: Arc<RunHandle>,
+    record: Arc<KeyRecord>,
+    flight: Option<Arc<Flight<T>>>,
+}
+
+impl<T: Send + Sync + 'static> Finisher<T> {
+    fn finish(&mut self, result: Shared<T>) {
+        let Some(flight) = self.flight.take() else {
+            return;
+        };
+        flight.complete(result);
+        let next = match self.inner.flights.entry(self.rk.clone()) {
+            Entry::Occupied(mut o) if o.get().id == self.id => match o.get_mut().queued.take() {
+                Some(mut q) => {
+                    let id = self.inner.next_run.fetch_add(1, Ordering::Relaxed);
+                    let run = RunHandle::new(&self.inner.root);
+                    let slot = o.get_mut();
+                    slot.id = id;
+                    slot.run = Arc::clone(&run);
+                    slot.flight = Arc::clone(&q.flight);
+                    q.start.take().map(|s| (s, id, run))
+                }
+                None => {
+                    o.remove();
+                    None
+                }
+            },
+            _ => None,
+        };
+        self.run.ended.cancel();
+        if let Some((start, id, run)) = next {
+            start(id, run);
+        }
+        self.inner.maybe_sweep();
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for Finisher<T> {
+    fn drop(&mut self) {
+        if self.flight.is_some() {
+            let err = JobError::Cancelled {
+                job: self.rk.job.clone(),
+                key: self.rk.key.clone(),
+                reason: CancelReason::Shutdown,
+            };
+            let now = Instant::now();
+            {
+                let mut d = self.record.data();
+                d.running = false;
+                d.last_error = Some(err.to_string());
+                d.last_error_kind = Some(err.kind());
+                d.keep_until = Some(add_saturating(now, self.inner.config.status_retention));
+            }
+            self.finish(Err(err));
+        }
+    }
+}
+
+/// A lock held for one run: local, or a lease on a shared backend kept alive by a renew task.
+enum HeldLock {
+    Local(KeyLock),
+    Lease {
+        lease: Lease,
+        stop_renew: CancellationToken,
+    },
+}
+
+impl HeldLock {
+    fn token(&self) -> FencingToken {
+        match self {
+            HeldLock::Local(g) => g.token(),
+            HeldLock::Lease { lease, .. } => lease.token,
+        }
+    }
+}
+
+impl Inner {
+    fn unknown_group(&self, rk: &RunKey, group: &str) -> JobError {
+        let known: Vec<_> = self.limits.group_names().collect();
+        JobError::Misconfigured {
+            job: rk.job.clone(),
+            message: format!(
+                "group `{group}` is not configured (configured: [{}]); define it with RuntimeConfig::concurrency_group / rate_limit_group or JOBRT_GROUP_{group}_CONCURRENCY / _RATE_LIMIT",
+                known.join(", ")
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T, F, Fut>(
+        this: &Arc<Inner>,
+        rk: RunKey,
+        policy: Arc<JobPolicy>,
+        record: Arc<KeyRecord>,
+        id: u64,
+        run: Arc<RunHandle>,
+        flight: Arc<Flight<T>>,
+        f: Arc<F>,
+        prev_ended: Option<CancellationToken>,
+    ) where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        let mut fin = Finisher {
+            inner: Arc::clone(this),
+            rk,
+            id,
+            run,
+            record,
+            flight: Some(flight),
+        };
+        this.tracker.spawn(async move {
+            if let Some(prev) = prev_ended {
+                prev.cancelled().await;
+            }
+            let inner = Arc::clone(&fin.inner);
+            let result =
+                AssertUnwindSafe(inner.pipeline(&fin.rk, &policy, &fin.record, &fin.run, id, &*f))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| {
+                        Err(JobError::Panicked {
+                            job: fin.rk.job.clone(),
+                            key: fin.rk.key.clone(),
+                            message: format!("inside the runtime: {}", panic_message(&*p)),
+                        })
+                    });
+            fin.finish(result);
+        });
+    }
+
+    async fn lock(
+        &self,
+        rk: &RunKey,
+        policy: &JobPolicy,
+        run: &Arc<RunHandle>,
+    ) -> Result<HeldLock, JobError> {
+        match &self.coord {
+            None => {
+                let r = if policy.lock_wait.is_zero() {
+                    self.locks.try_acquire(rk.clone()).ok_or(None)
+                } else {
+                    self.locks
+                        .acquire(rk.clone(), policy.lock_wait)
+                        .await
+                        .map_err(Some)
+                };
+                match r {
+                    Ok(g) => Ok(HeldLock::Local(g)),
+                    Err(None) => Err(JobError::Busy {
+                        job: rk.job.clone(),
+                        key: rk.key.clone(),
+                    }),
+                    Err(Some(e)) => Err(JobError::LockTimeout {
+                        job: rk.job.clone(),
+                        key: rk.key.clone(),
+                        waited: e.waited,
+                    }),
+                }
+            }
+            Some(c) => {
+                let start = Instant::now();
+                let give_up = add_saturating(start, policy.lock_wait);
+                loop {
+                    let backend = |e: crate::coord::BackendError| JobError::Backend {
+                        job: rk.job.clone(),
+                        key: rk.key.clone(),
+                        source: e.0,
+                    };
+                    match c
+                        .acquire(&rk.job, &rk.key, policy.lease)
+                        .await
+                        .map_err(backend)?
+                    {
+                        Acquire::Acquired(lease) => {
+                            let stop_renew = CancellationToken::new();
+                            self.spawn_renewal(
+                                Arc::clone(c),
+                                lease.clone(),
+                                policy.lease,
+                                Arc::clone(run),
+                                stop_renew.clone(),
+                            );
+                            return Ok(HeldLock::Lease { lease, stop_renew });
+                        }
+                        Acquire::Held { free_in } => {
+                            let now = Instant::now();
+                            if policy.lock_wait.is_zero() {
+                                return Err(JobError::Busy {
+                                    job: rk.job.clone(),
+                                    key: rk.key.clone(),
+                                });
+                            }
+                            if now >= give_up {
+                                return Err(JobError::LockTimeout {
+                                    job: rk.job.clone(),
+                                    key: rk.key.clone(),
+                                    waited: now - start,
+                                });
+                            }
+                            let poll = free_in
+                                .unwrap_or(Duration::from_millis(100))
+                                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                            tokio::time::sleep_until(add_saturating(now, poll).min(give_up)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_renewal(
+        &self,
+        coord: Arc<dyn Coordinator>,
+        lease: Lease,
+        ttl: Duration,
+        run: Arc<RunHandle>,
+        stop: CancellationToken,
+    ) {
+        self.tracker.spawn(async move {
+            let every = (ttl / 3).max(Duration::from_millis(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match coord.renew(&lease, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => {
+                        tracing::warn!(job = %lease.job, key = %lease.key, token = lease.token, "lease lost; cancelling the run");
+                        run.cancel(CancelReason::LeaseLost);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn unlock(&self, held: HeldLock) {
+        match held {
+            HeldLock::Local(g) => drop(g),
+            HeldLock::Lease { lease, stop_renew } => {
+                stop_renew.cancel();
+                if let Some(c) = &self.coord
+                    && let Err(e) = c.release(&lease).await
+                {
+                    tracing::warn!(job = %lease.job, key = %lease.key, error = %e, "lease release failed; it will expire");
+                }
+            }
+        }
+    }
+
+    /// Steps 3 to 6 of the pipeline, for a run that was admitted (steps 1 and 2).
+    async fn pipeline<T, F, Fut>(
+        &self,
+        rk: &RunKey,
+        policy: &JobPolicy,
+        record: &Arc<KeyRecord>,
+        run: &Arc<RunHandle>,
+        id: u64,
+        f: &F,
+    ) -> Shared<T>
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        // 3. lock
+        let held = match self.lock(rk, policy, run).await {
+            Ok(h) => h,
+            Err(e) => return Err(e),
+        };
+        let started = Instant::now();
+        {
+            let mut d = record.data();
+            d.running = true;
+            d.runs += 1;
+            d.last_start = Some(self.clock.wall_at(started));
+            d.progress = None;
+            d.fencing = Some(held.token());
+        }
+        // 4. budget
+        let deadline = Deadline::new(started, policy.budget);
+        // 5. attempts
+        let result = self
+            .attempts(rk, policy, record, run, id, held.token(), deadline, f)
+            .await;
+        self.unlock(held).await;
+        // 6. outcome
+        let ended = Instant::now();
+        let success = result.is_ok();
+        let span = policy.cooldown.span(success);
+        if let Some(c) = &self.coord
+            && let Err(e) = c.record_finish(&rk.job, &rk.key, span).await
+        {
+            tracing::warn!(job = %rk.job, key = %rk.key, error = %e, "could not record the cooldown on the backend");
+        }
+        self.record_outcome(record, policy.cooldown, started, ended, &result);
+        result
+    }
+
+    fn record_outcome<T>(
+        &self,
+        record: &KeyRecord,
+        cooldown: Cooldown,
+        started: Instant,
+        ended: Instant,
+        result: &Shared<T>,
+    ) {
+        let mut d = record.data();
+        d.running = false;
+        d.last_duration = Some(ended - started);
+        let success = result.is_ok();
+        let span = cooldown.span(success);
+        d.not_before = (!span.is_zero()).then(|| cooldown.not_before(ended, success));
+        d.keep_until = Some(add_saturating(ended, self.config.status_retention));
+        match result {
+            Ok(_) => {
+                d.successes += 1;
+                d.last_success = Some(self.clock.wall_at(ended));
+            }
+            Err(e) => {
+                d.failures += 1;
+                d.last_error = Some(e.to_string());
+                d.last_error_kind = Some(e.kind());
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts<T, F, Fut>(
+        &self,
+        rk: &RunKey,
+        policy: &JobPolicy,
+        record: &Arc<KeyRecord>,
+        run: &Arc<RunHandle>,
+        id: u64,
+        fencing: FencingToken,
+        deadline: Deadline,
+        f: &F,
+    ) -> Shared<T>
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        let budget_exceeded = |last: Option<JobError>| JobError::BudgetExceeded {
+            job: rk.job.clone(),
+            key: rk.key.clone(),
+            budget: deadline.budget().unwrap_or_default(),
+            last: last.map(Box::new),
+        };
+        let cancelled = || JobError::Cancelled {
+            job: rk.job.clone(),
+            key: rk.key.clone(),
+            reason: run.reason(),
+        };
+        let max = policy.retry.max_attempts.get();
+        let mut backoff = policy.retry.backoff(id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut last: Option<JobError> = None;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            if run.token.is_cancelled() {
+                return Err(cancelled());
+            }
+            if deadline.expired(Instant::now()) {
+                return Err(budget_exceeded(last));
+            }
+            let permits = tokio::select! {
+                biased;
+                _ = run.token.cancelled() => return Err(cancelled()),
+                p = self.limits.acquire(policy.group.as_deref(), deadline.at()) => p,
+            };
+            let permits = match permits {
+                Ok(p) => p,
+                Err(LimitError::Deadline) => return Err(budget_exceeded(last)),
+                Err(LimitError::UnknownGroup) => {
+                    return Err(self.unknown_group(rk, policy.group.as_deref().unwrap_or_default()));
+                }
+            };
+            let token = run.token.child_token();
+            let ctx = JobContext {
+                job: rk.job.clone(),
+                key: rk.key.clone(),
+                attempt,
+                deadline,
+                token: token.clone(),
+                fencing,
+                record: Arc::clone(record),
+                clock: self.clock.clone(),
+            };
+            let bound = deadline.for_attempt(Instant::now(), policy.attempt_timeout);
+            let end = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
+                Err(p) => AttemptEnd::Done(Err(p)),
+                Ok(fut) => {
+                    run_bounded(
+                        AssertUnwindSafe(fut).catch_unwind(),
+                        bound,
+                        &token,
+                        &run.token,
+                        policy.abandon_grace,
+                    )
+                    .await
+                }
+            };
+            drop(permits);
+            let (err, decision) = match end {
+                AttemptEnd::Done(Ok(Ok(v))) => return Ok(Arc::new(v)),
+                AttemptEnd::Done(Ok(Err(e))) => {
+                    let decision = policy.retry.classify(&e, attempt);
+                    let err = JobError::Failed {
+                        job: rk.job.clone(),
+                        key: rk.key.clone(),
+                        source: e.source_error().clone(),
+                    };
+                    (err, decision)
+                }
+                AttemptEnd::Done(Err(p)) => {
+                    return Err(JobError::Panicked {
+                        job: rk.job.clone(),
+                        key: rk.key.clone(),
+                        message: panic_message(&*p),
+                    });
+                }
+                AttemptEnd::TimedOut(Limit::Budget) | AttemptEnd::Abandoned(Limit::Budget) => {
+                    return Err(budget_exceeded(last));
+                }
+                AttemptEnd::TimedOut(Limit::Attempt) | AttemptEnd::Abandoned(Limit::Attempt) => {
+                    let timeout = policy.attempt_timeout.unwrap_or_default();
+                    let err = JobError::AttemptTimeout {
+                        job: rk.job.clone(),
+                        key: rk.key.clone(),
+                        attempt,
+                        timeout,
+                    };
+                    (err, Decision::Retry)
+                }
+                AttemptEnd::Cancelled => return Err(cancelled()),
+            };
+            if decision == Decision::Abort || attempt >= max {
+                if attempt == 1 {
+                    return Err(err);
+                }
+                return Err(JobError::RetriesExhausted {
+                    job: rk.job.clone(),
+                    key: rk.key.clone(),
+                    attempts: attempt,
+                    last: Box::new(err),
+                });
+            }
+            let delay = match decision {
+                Decision::RetryAfter(d) => d,
+                _ => backoff.next().unwrap_or_default(),
+            };
+            let now = Instant::now();
+            if deadline.remaining(now).is_some_and(|left| delay >= left) {
+                return Err(budget_exceeded(Some(err)));
+            }
+            record.data().retries += 1;
+            tokio::select! {
+                biased;
+                _ = run.token.cancelled() => return Err(cancelled()),
+                _ = tokio::time::sleep_until(add_saturating(now, delay)) => {}
+            }
+            last = Some(err);
+        }
+    }
+
+    fn maybe_sweep(&self) {
+        let n = self.since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= 4096 && n as usize >= self.keys.len() / 2 {
+            self.since_sweep.store(0, Ordering::Relaxed);
+            self.housekeep();
+        }
+    }
+
+    fn housekeep(&self) -> usize {
+        let now = Instant::now();
+        let before = self.keys.len();
+        self.keys
+            .retain(|_, rec| Arc::strong_count(rec) > 1 || !rec.removable(now));
+        let removed = before.saturating_sub(self.keys.len());
+        if self.keys.len() * 4 < self.keys.capacity() {
+            self.keys.shrink_to_fit();
+        }
+        if self.flights.len() * 4 < self.flights.capacity() {
+            self.flights.shrink_to_fit();
+        }
+        if self.locks.len() * 4 < self.locks.capacity() {
+            self.locks.shrink_to_fit();
+        }
+        removed
+    }
+}

@@ -1,0 +1,251 @@
+//! Per-key locks with fencing tokens.
+//!
+//! A lock is an entry in a sharded concurrent map, present only while held: an idle key costs
+//! nothing, and the map's `len()` is the number of keys held right now. Each acquisition gets a
+//! fencing token from one counter, so tokens strictly increase per key (and across keys) even
+//! though the entry itself vanishes on release; a downstream system can refuse writes carrying
+//! a token older than one it has seen.
+//!
+//! Waiting is done without polling: a waiter registers a notification on the held entry while
+//! holding the map shard's lock, so the release — which must take the same shard lock to remove
+//! the entry — cannot slip between the waiter's check and its sleep (no lost wake-up).
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::Notify;
+
+use crate::time::{Instant, add_saturating};
+
+/// A fencing token: strictly increasing per key across acquisitions.
+pub type FencingToken = u64;
+
+struct Held {
+    token: FencingToken,
+    waiters: Option<Arc<Notify>>,
+}
+
+/// A set of named locks, one per key.
+///
+/// ```
+/// use job_runtime::lock::KeyedLocks;
+/// use std::sync::Arc;
+///
+/// let locks = Arc::new(KeyedLocks::<String>::new());
+/// let g = locks.try_acquire("a".to_string()).expect("free");
+/// assert!(locks.try_acquire("a".to_string()).is_none()); // held
+/// let first = g.token();
+/// drop(g);
+/// assert_eq!(locks.len(), 0); // released keys cost nothing
+/// let g2 = locks.try_acquire("a".to_string()).unwrap();
+/// assert!(g2.token() > first);
+/// ```
+pub struct KeyedLocks<K: Eq + Hash> {
+    map: DashMap<K, Held>,
+    next: AtomicU64,
+}
+
+impl<K: Eq + Hash> fmt::Debug for KeyedLocks<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedLocks")
+            .field("held", &self.map.len())
+            .finish()
+    }
+}
+
+impl<K: Eq + Hash + Clone> Default for KeyedLocks<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why [`KeyedLocks::acquire`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("lock not acquired within {waited:?}")]
+pub struct LockTimeout {
+    /// How long the caller waited.
+    pub waited: Duration,
+}
+
+impl<K: Eq + Hash + Clone> KeyedLocks<K> {
+    /// An empty set of locks.
+    pub fn new() -> Self {
+        Self {
+            map: DashMap::new(),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    #[inline]
+    fn next_token(&self) -> FencingToken {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes the lock for `key` if it is free; never waits.
+    #[inline]
+    pub fn try_acquire(self: &Arc<Self>, key: K) -> Option<KeyGuard<K>> {
+        match self.map.entry(key) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(v) => {
+                let token = self.next_token();
+                let key = v.key().clone();
+                v.insert(Held {
+                    token,
+                    waiters: None,
+                });
+                Some(KeyGuard {
+                    locks: Arc::clone(self),
+                    key: Some(key),
+                    token,
+                })
+            }
+        }
+    }
+
+    /// Takes the lock for `key`, waiting at most `wait` (zero: try once).
+    pub async fn acquire(
+        self: &Arc<Self>,
+        key: K,
+        wait: Duration,
+    ) -> Result<KeyGuard<K>, LockTimeout> {
+        let start = Instant::now();
+        let deadline = add_saturating(start, wait);
+        loop {
+            let notified = match self.map.entry(key.clone()) {
+                Entry::Vacant(v) => {
+                    let token = self.next_token();
+                    v.insert(Held {
+                        token,
+                        waiters: None,
+                    });
+                    return Ok(KeyGuard {
+                        locks: Arc::clone(self),
+                        key: Some(key),
+                        token,
+                    });
+                }
+                Entry::Occupied(mut o) => {
+                    if wait.is_zero() || Instant::now() >= deadline {
+                        return Err(LockTimeout {
+                            waited: start.elapsed(),
+                        });
+                    }
+                    let notify = o.get_mut().waiters.get_or_insert_with(Default::default);
+                    // Registered before the shard lock is released: the holder's release takes
+                    // that lock to remove the entry, then wakes every registered waiter.
+                    let mut n = Box::pin(Arc::clone(notify).notified_owned());
+                    n.as_mut().enable();
+                    n
+                }
+            };
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(LockTimeout {
+                    waited: start.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Keys held right now.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// `true` when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Whether `key` is held right now.
+    pub fn is_held(&self, key: &K) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// The map's capacity (slots allocated), for leak tests.
+    pub fn capacity(&self) -> usize {
+        self.map.capacity()
+    }
+
+    /// Gives back memory after many keys were released.
+    pub fn shrink_to_fit(&self) {
+        self.map.shrink_to_fit();
+    }
+
+    fn release(&self, key: &K, token: FencingToken) {
+        if let Some((_, held)) = self.map.remove_if(key, |_, h| h.token == token)
+            && let Some(n) = held.waiters
+        {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// A held lock; released on drop.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct KeyGuard<K: Eq + Hash + Clone> {
+    locks: Arc<KeyedLocks<K>>,
+    key: Option<K>,
+    token: FencingToken,
+}
+
+impl<K: Eq + Hash + Clone> KeyGuard<K> {
+    /// This acquisition's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The key held.
+    pub fn key(&self) -> &K {
+        self.key.as_ref().expect("key present until drop")
+    }
+}
+
+impl<K: Eq + Hash + Clone> fmt::Debug for KeyGuard<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyGuard")
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl<K: Eq + Hash + Clone> Drop for KeyGuard<K> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.locks.release(&key, self.token);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_waits_for_release_and_times_out() {
+        let locks = Arc::new(KeyedLocks::<u32>::new());
+        let g = locks.try_acquire(1).unwrap();
+        let err = locks
+            .acquire(1, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.waited, Duration::from_millis(50));
+        assert!(locks.acquire(1, Duration::ZERO).await.is_err());
+        let l2 = Arc::clone(&locks);
+        let waiter = tokio::spawn(async move {
+            l2.acquire(1, Duration::from_secs(10))
+                .await
+                .map(|g| g.token())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t1 = g.token();
+        drop(g);
+        let t2 = waiter.await.unwrap().unwrap();
+        assert!(t2 > t1);
+        assert!(locks.is_empty());
+    }
+}
