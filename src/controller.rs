@@ -132,15 +132,15 @@ pub struct KeyStatus {
     /// When the last successful run ended.
     #[serde(serialize_with = "serde_fmt::rfc3339")]
     pub last_success: Option<SystemTime>,
-    /// How long the last run took (milliseconds in serde).
-    #[serde(serialize_with = "serde_fmt::millis")]
+    /// How long the last run took (`last_duration_ms` in serde).
+    #[serde(serialize_with = "serde_fmt::millis", rename = "last_duration_ms")]
     pub last_duration: Option<Duration>,
     /// The last error's message.
     pub last_error: Option<String>,
     /// The last error's kind (`failed`, `panicked`, …).
     pub last_error_kind: Option<&'static str>,
-    /// Cooldown left (milliseconds in serde).
-    #[serde(serialize_with = "serde_fmt::millis")]
+    /// Cooldown left (`cooldown_remaining_ms` in serde).
+    #[serde(serialize_with = "serde_fmt::millis", rename = "cooldown_remaining_ms")]
     pub cooldown_remaining: Option<Duration>,
     /// Progress of the run in flight (or the last one).
     pub progress: Option<Progress>,
