@@ -278,9 +278,12 @@ struct RunHandle {
 }
 
 impl RunHandle {
-    fn new(parent: &CancellationToken) -> Arc<Self> {
+    /// Not a child of a controller-wide token: adding and removing children takes the parent's
+    /// lock, which would serialise runs on distinct keys. Shutdown cancels runs through the
+    /// in-flight map instead.
+    fn new() -> Arc<Self> {
         Arc::new(Self {
-            token: parent.child_token(),
+            token: CancellationToken::new(),
             reason: AtomicU8::new(REASON_NONE),
             ended: CancellationToken::new(),
         })
@@ -364,6 +367,8 @@ struct Inner {
     coord: Option<Arc<dyn Coordinator>>,
     tracker: TaskTracker,
     root: CancellationToken,
+    /// Set when shutdown begins: new runs are refused from then on.
+    closing: CancellationToken,
     next_run: AtomicU64,
     since_sweep: AtomicU64,
 }
@@ -441,6 +446,7 @@ impl JobRuntimeController {
                 coord,
                 tracker: TaskTracker::new(),
                 root: CancellationToken::new(),
+                closing: CancellationToken::new(),
                 next_run: AtomicU64::new(1),
                 since_sweep: AtomicU64::new(0),
             }),
@@ -583,13 +589,19 @@ impl JobRuntimeController {
         self.inner.limits.available(g.as_deref())
     }
 
-    /// Stops accepting runs, lets runs in flight go on for `grace`, then cancels them and waits
-    /// for them to end. Returns `true` if every run finished within the grace period.
+    /// Stops accepting runs (new calls get `Cancelled { reason: Shutdown }`), lets runs in
+    /// flight go on for `grace`, then cancels them and waits for them to end (a job ignoring
+    /// its token is abandoned after its policy's grace). Returns `true` if every run finished
+    /// within `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
         let t = &self.inner.tracker;
+        self.inner.closing.cancel();
         t.close();
         let clean = tokio::time::timeout(grace, t.wait()).await.is_ok();
         self.inner.root.cancel();
+        for slot in self.inner.flights.iter() {
+            slot.run.cancel(CancelReason::Shutdown);
+        }
         t.wait().await;
         clean
     }
@@ -609,7 +621,7 @@ impl JobRuntimeController {
     {
         let inner = &self.inner;
         let rk = RunKey::new(job, key);
-        if inner.root.is_cancelled() {
+        if inner.closing.is_cancelled() {
             return Err(JobError::Cancelled {
                 job: rk.job,
                 key: rk.key,
@@ -686,7 +698,7 @@ impl JobRuntimeController {
                     slot.run.cancel(CancelReason::Replaced);
                     let prev_ended = slot.run.ended.clone();
                     let flight = Arc::new(Flight::<T>::new());
-                    let run = RunHandle::new(&inner.root);
+                    let run = RunHandle::new();
                     let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                     slot.id = id;
                     slot.run = Arc::clone(&run);
@@ -717,7 +729,7 @@ impl JobRuntimeController {
                     return Err(cooling(&rk, remaining));
                 }
                 let flight = Arc::new(Flight::<T>::new());
-                let run = RunHandle::new(&inner.root);
+                let run = RunHandle::new();
                 let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                 v.insert(Slot {
                     id,
@@ -838,7 +850,7 @@ impl<T: Send + Sync + 'static> Finisher<T> {
             Entry::Occupied(mut o) if o.get().id == self.id => match o.get_mut().queued.take() {
                 Some(mut q) => {
                     let id = self.inner.next_run.fetch_add(1, Ordering::Relaxed);
-                    let run = RunHandle::new(&self.inner.root);
+                    let run = RunHandle::new();
                     let slot = o.get_mut();
                     slot.id = id;
                     slot.run = Arc::clone(&run);
@@ -1187,6 +1199,10 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            if self.root.is_cancelled() {
+                // Shutdown began after this run was admitted (it may have missed the sweep).
+                run.cancel(CancelReason::Shutdown);
+            }
             if run.token.is_cancelled() {
                 return Err(cancelled());
             }

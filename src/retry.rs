@@ -86,8 +86,22 @@ impl Backoff {
 
     /// The exponential ceiling for delay `n` (0-based): `min(max, base · 2ⁿ)`.
     pub fn cap(base: Duration, max: Duration, n: u32) -> Duration {
-        let factor = 1u32.checked_shl(n.min(31)).unwrap_or(u32::MAX);
-        base.checked_mul(factor).unwrap_or(max).min(max)
+        if base.is_zero() {
+            return Duration::ZERO;
+        }
+        if n >= 127 {
+            return max;
+        }
+        match base.as_nanos().checked_mul(1u128 << n) {
+            Some(nanos) if nanos <= max.as_nanos() => {
+                // `nanos <= max`, so the seconds fit in a u64.
+                Duration::new(
+                    (nanos / 1_000_000_000) as u64,
+                    (nanos % 1_000_000_000) as u32,
+                )
+            }
+            _ => max,
+        }
     }
 
     fn uniform(&mut self, lo: Duration, hi: Duration) -> Duration {
@@ -291,6 +305,12 @@ mod tests {
         assert_eq!(Backoff::cap(b, m, 3), Duration::from_millis(80));
         assert_eq!(Backoff::cap(b, m, 40), m);
         assert_eq!(Backoff::cap(Duration::MAX, Duration::MAX, 5), Duration::MAX);
+        // Past 2^31 the doubling must go on exactly (regression: it used to stop at 2^31).
+        let big = Duration::from_secs(134);
+        assert_eq!(
+            Backoff::cap(Duration::from_nanos(1), big, 32),
+            Duration::from_nanos(1 << 32)
+        );
     }
 
     #[test]
