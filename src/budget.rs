@@ -1,8 +1,8 @@
 //! Time budgets: one deadline for a whole run, and a timeout per attempt.
 //!
-//! A run's budget covers everything after admission — waiting for the lock, for concurrency
-//! permits and rate tokens, every attempt and every backoff sleep — so a caller knows the
-//! longest it can take. Each attempt runs under `min(attempt timeout, budget left)`. At that
+//! A run's budget starts once the key's lock is held (the lock wait has its own bound) and
+//! covers everything after — waiting for concurrency permits and rate tokens, every attempt and
+//! every backoff sleep — so a caller knows the longest the work can take. Each attempt runs under `min(attempt timeout, budget left)`. At that
 //! point the attempt's cancellation token fires; a job that ignores it is abandoned (its future
 //! dropped) after a grace period, so a stuck job can never hold a key forever.
 

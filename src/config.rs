@@ -114,8 +114,8 @@ pub struct GroupLimits {
 
 /// The runtime's configuration.
 ///
-/// Defaults: no global concurrency or rate limit, no groups, no overrides, per-key status
-/// retained 0 s past its cooldown.
+/// Defaults: no global concurrency or rate limit, no groups, no overrides, and a key's status
+/// kept until its cooldown has passed (`status_retention` 0: no longer than that).
 ///
 /// ```
 /// use job_runtime::RuntimeConfig;
@@ -147,7 +147,8 @@ pub struct RuntimeConfig {
     pub defaults: PolicyOverrides,
     /// `JOBRT_JOB_<NAME>_<FIELD>`: overrides for one job, keyed by normalized name.
     pub jobs: BTreeMap<String, PolicyOverrides>,
-    /// `JOBRT_STATUS_RETENTION`: how long an idle key's status is kept after its cooldown.
+    /// `JOBRT_STATUS_RETENTION`: an idle key's status is kept until the later of its cooldown's
+    /// end and its last run's end plus this.
     pub status_retention: Duration,
     /// Unknown `JOBRT_*` variables found while reading (each also logged as a warning).
     pub warnings: Vec<String>,
@@ -251,7 +252,7 @@ impl RuntimeConfig {
                     .and_then(|n| n.strip_suffix('_'))
                     .filter(|n| !n.is_empty())
                 {
-                    let o = self.jobs.entry(job.to_string()).or_default();
+                    let o = self.jobs.entry(normalize_name(job)).or_default();
                     return read_policy_field(o, field, name, value);
                 }
             }
@@ -266,23 +267,39 @@ impl RuntimeConfig {
     }
 
     fn check_ranges(&self, problems: &mut Vec<ConfigProblem>) {
+        // Each problem names a variable that was set: the job's own when it set one, else the
+        // global one.
         let mut check = |scope: &str, o: &PolicyOverrides, base: &PolicyOverrides| {
             let lo = o.retry_base_delay.or(base.retry_base_delay);
             let hi = o.retry_max_delay.or(base.retry_max_delay);
             if let (Some(lo), Some(hi)) = (lo, hi)
                 && lo > hi
             {
+                let field = if o.retry_base_delay.is_some() {
+                    "RETRY_BASE_DELAY"
+                } else {
+                    "RETRY_MAX_DELAY"
+                };
+                let max_scope = if o.retry_max_delay.is_some() {
+                    scope
+                } else {
+                    ""
+                };
                 problems.push(ConfigProblem {
-                    name: format!("{PREFIX}{scope}RETRY_BASE_DELAY"),
+                    name: format!("{PREFIX}{scope}{field}"),
                     value: format!("{lo:?} (max {hi:?})"),
-                    problem: "the base delay is larger than the max delay".into(),
-                    expected: format!("RETRY_BASE_DELAY <= {PREFIX}{scope}RETRY_MAX_DELAY"),
+                    problem: "the retry base delay is larger than the max delay".into(),
+                    expected: format!(
+                        "a base delay no larger than the max delay ({PREFIX}{max_scope}RETRY_MAX_DELAY)"
+                    ),
                 });
             }
         };
         check("", &self.defaults, &PolicyOverrides::default());
         for (job, o) in &self.jobs {
-            check(&format!("JOB_{job}_"), o, &self.defaults);
+            if o.retry_base_delay.is_some() || o.retry_max_delay.is_some() {
+                check(&format!("JOB_{job}_"), o, &self.defaults);
+            }
         }
     }
 

@@ -113,15 +113,15 @@ pub(crate) fn normalize_name(name: &str) -> String {
 
 /// `normalize_name(name) == normalized`, without allocating.
 pub(crate) fn matches_normalized(name: &str, normalized: &str) -> bool {
-    name.len() == normalized.len()
-        && name.bytes().zip(normalized.bytes()).all(|(a, b)| {
-            let a = if a.is_ascii_alphanumeric() {
-                a.to_ascii_uppercase()
-            } else {
-                b'_'
-            };
-            a == b
-        })
+    let mut n = normalized.bytes();
+    name.chars().all(|c| {
+        let c = if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase() as u8
+        } else {
+            b'_'
+        };
+        n.next() == Some(c)
+    }) && n.next().is_none()
 }
 
 impl JobPolicy {
