@@ -952,17 +952,23 @@ impl Inner {
                 prev.cancelled().await;
             }
             let inner = Arc::clone(&fin.inner);
-            let result =
-                AssertUnwindSafe(inner.pipeline(&fin.rk, &policy, &fin.record, &fin.run, id, &*f))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|p| {
-                        Err(JobError::Panicked {
-                            job: fin.rk.job.clone(),
-                            key: fin.rk.key.clone(),
-                            message: format!("inside the runtime: {}", panic_message(&*p)),
-                        })
-                    });
+            let result = AssertUnwindSafe(Box::pin(inner.pipeline(
+                &fin.rk,
+                &policy,
+                &fin.record,
+                &fin.run,
+                id,
+                &*f,
+            )))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| {
+                Err(JobError::Panicked {
+                    job: fin.rk.job.clone(),
+                    key: fin.rk.key.clone(),
+                    message: format!("inside the runtime: {}", panic_message(&*p)),
+                })
+            });
             fin.finish(result);
         });
     }
@@ -1221,7 +1227,14 @@ impl Inner {
                     return Err(self.unknown_group(rk, policy.group.as_deref().unwrap_or_default()));
                 }
             };
-            let token = run.token.child_token();
+            let bound = deadline.for_attempt(Instant::now(), policy.attempt_timeout);
+            // An attempt needs a token of its own only when a deadline may cancel it alone;
+            // otherwise the run's token is the attempt's (saves a node in the token tree).
+            let token = if bound.is_some() {
+                run.token.child_token()
+            } else {
+                run.token.clone()
+            };
             let ctx = JobContext {
                 job: rk.job.clone(),
                 key: rk.key.clone(),
@@ -1232,7 +1245,6 @@ impl Inner {
                 record: Arc::clone(record),
                 clock: self.clock.clone(),
             };
-            let bound = deadline.for_attempt(Instant::now(), policy.attempt_timeout);
             let end = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
                 Err(p) => AttemptEnd::Done(Err(p)),
                 Ok(fut) => {
