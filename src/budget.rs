@@ -100,7 +100,8 @@ pub enum AttemptEnd<R> {
 /// Runs `fut` until it finishes, `deadline` passes, or `cancel` fires.
 ///
 /// At the deadline `token` (the attempt's token) is cancelled and the job gets `grace` to
-/// notice; then its future is dropped. On outside cancellation the same grace applies.
+/// notice; then its future is dropped. On outside cancellation the same grace applies, and the
+/// attempt ends as `Cancelled` whatever the job returned after the cancellation.
 pub async fn run_bounded<F: Future>(
     fut: F,
     deadline: Option<(Instant, Limit)>,
@@ -111,7 +112,15 @@ pub async fn run_bounded<F: Future>(
     tokio::pin!(fut);
     let limit = tokio::select! {
         biased;
-        r = &mut fut => return AttemptEnd::Done(r),
+        // A job that returns as soon as it sees an outside cancellation was still cancelled,
+        // whatever it returned: the same outcome as one that took part of its grace period.
+        r = &mut fut => {
+            return if outer.is_cancelled() {
+                AttemptEnd::Cancelled
+            } else {
+                AttemptEnd::Done(r)
+            };
+        }
         _ = outer.cancelled() => None,
         _ = sleep_until_opt(deadline.map(|d| d.0)) => deadline.map(|d| d.1),
     };

@@ -1,0 +1,1210 @@
+//! Contracts of `JobRuntimeController` in one process: single-flight under load, callers that
+//! give up, panics, bounded per-key state, concurrency limits and permits, overlap policies,
+//! cooldowns and status.
+//!
+//! Everything timing-based runs on paused time (`start_paused = true`), so it is exact and
+//! deterministic; the two multi-threaded tests use real time only to poll, with a bound.
+
+mod support;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use job_runtime::error::CancelReason;
+use job_runtime::time::{Clock, Instant};
+use job_runtime::{
+    JobContext, JobError, JobPolicy, JobRuntimeController, Overlap, RunError, RunState,
+    RuntimeConfig,
+};
+use support::{Bodies, Gate, gated_job, settle, wait_until, within, yield_until};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap()
+}
+
+/// A job body that panics (its return type says what it would have returned).
+fn explode() -> Result<usize, RunError> {
+    panic!("job exploded on purpose")
+}
+
+fn coalesced(ctl: &JobRuntimeController, job: &str, key: &str) -> u64 {
+    ctl.status(job, key).map_or(0, |s| s.coalesced)
+}
+
+fn assert_idle_maps(ctl: &JobRuntimeController) {
+    let fp = ctl.footprint();
+    assert_eq!(fp.flights, 0, "no run in flight: {fp:?}");
+    assert_eq!(fp.locks, 0, "no lock held: {fp:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Single-flight under load
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_concurrent_callers_share_one_run_and_one_arc() {
+    const CALLERS: usize = 10_000;
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = Arc::new(JobPolicy::default());
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (ctl, policy) = (ctl.clone(), Arc::clone(&policy));
+            let job = gated_job(&bodies, &gate);
+            tokio::spawn(async move { ctl.run("fanout", "k", &policy, job).await })
+        })
+        .collect();
+
+    // The body holds the run open until every follower has joined it.
+    wait_until("all 9,999 followers joined", secs(60), || {
+        coalesced(&ctl, "fanout", "k") == (CALLERS - 1) as u64
+    })
+    .await;
+    wait_until("the body started", secs(10), || bodies.started() == 1).await;
+    let st = ctl.status("fanout", "k").unwrap();
+    assert_eq!(st.state, RunState::Running);
+    assert_eq!(st.runs, 1);
+    gate.open();
+
+    let mut results = Vec::with_capacity(CALLERS);
+    for t in tasks {
+        results.push(t.await.expect("caller task").expect("run succeeded"));
+    }
+    let first = &results[0];
+    assert_eq!(**first, 1, "the value of the first (and only) body");
+    assert!(
+        results.iter().all(|r| Arc::ptr_eq(first, r)),
+        "every caller got the same Arc"
+    );
+    assert_eq!(bodies.started(), 1, "the body ran exactly once");
+    assert_eq!(bodies.max(), 1);
+    let st = ctl.status("fanout", "k").unwrap();
+    assert_eq!((st.runs, st.successes, st.failures), (1, 1, 0));
+    assert_eq!(st.coalesced, (CALLERS - 1) as u64);
+    assert_idle_maps(&ctl);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Callers that give up
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn aborting_the_leader_neither_cancels_the_run_nor_lets_a_duplicate_start() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    let call = || {
+        let (ctl, job) = (ctl.clone(), gated_job(&bodies, &gate));
+        async move { ctl.run("j", "k", &JobPolicy::default(), job).await }
+    };
+
+    let leader = tokio::spawn(call());
+    yield_until("leader's body started", 1_000, || bodies.started() == 1).await;
+    leader.abort();
+    assert!(leader.await.unwrap_err().is_cancelled());
+
+    // The run goes on without its leader.
+    settle(100).await;
+    assert_eq!(bodies.current(), 1, "the body was not dropped");
+    let st = ctl.status("j", "k").unwrap();
+    assert_eq!((st.state, st.runs), (RunState::Running, 1));
+    let fp = ctl.footprint();
+    assert_eq!(
+        (fp.flights, fp.locks),
+        (1, 1),
+        "the run still holds its key"
+    );
+
+    // A caller arriving now joins that run instead of starting a second one.
+    let follower = tokio::spawn(call());
+    yield_until("follower joined", 1_000, || coalesced(&ctl, "j", "k") == 1).await;
+    settle(100).await;
+    assert_eq!(bodies.started(), 1);
+    gate.open();
+    let v = within("follower", secs(1), follower)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*v, 1, "the follower got the leader's run");
+    assert_eq!((bodies.started(), bodies.max()), (1, 1));
+    let st = ctl.status("j", "k").unwrap();
+    assert_eq!((st.runs, st.successes, st.failures), (1, 1, 0));
+    assert_idle_maps(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_aborted_or_timed_out_in_waves_never_start_a_second_run() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    let call = || {
+        let (ctl, job) = (ctl.clone(), gated_job(&bodies, &gate));
+        async move { ctl.run("j", "k", &JobPolicy::default(), job).await }
+    };
+
+    for wave in 0..5 {
+        // Ten callers that are aborted once they wait…
+        let aborted: Vec<_> = (0..10).map(|_| tokio::spawn(call())).collect();
+        settle(50).await;
+        for h in aborted {
+            h.abort();
+            assert!(h.await.unwrap_err().is_cancelled());
+        }
+        // …and ten that time out.
+        let timed = join_all((1..=10).map(|i| tokio::time::timeout(ms(i), call()))).await;
+        assert!(timed.iter().all(Result::is_err), "every timeout fired");
+
+        assert_eq!(bodies.started(), 1, "wave {wave}: still one body");
+        assert_eq!(bodies.current(), 1, "wave {wave}: the body runs on");
+        let st = ctl.status("j", "k").unwrap();
+        assert_eq!((st.state, st.runs), (RunState::Running, 1), "wave {wave}");
+    }
+    assert_eq!(coalesced(&ctl, "j", "k"), 99, "all but the first joined");
+
+    let late = tokio::spawn(call());
+    yield_until("late caller joined", 1_000, || {
+        coalesced(&ctl, "j", "k") == 100
+    })
+    .await;
+    gate.open();
+    let v = within("late caller", secs(1), late).await.unwrap().unwrap();
+    assert_eq!(*v, 1);
+    assert_eq!((bodies.started(), bodies.max()), (1, 1));
+    let st = ctl.status("j", "k").unwrap();
+    assert_eq!((st.runs, st.successes), (1, 1));
+    assert_idle_maps(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_caller_gives_up_the_run_still_completes_and_the_next_call_runs_again() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let bodies = Bodies::new();
+    let job = {
+        let bodies = Arc::clone(&bodies);
+        move |_ctx: JobContext| {
+            let bodies = Arc::clone(&bodies);
+            async move {
+                let me = bodies.enter();
+                tokio::time::sleep(secs(1)).await;
+                Ok::<_, RunError>(me.nth)
+            }
+        }
+    };
+    let policy = JobPolicy::default();
+
+    let gave_up = join_all(
+        (0..20).map(|_| tokio::time::timeout(ms(100), ctl.run("j", "k", &policy, job.clone()))),
+    )
+    .await;
+    assert!(gave_up.iter().all(Result::is_err), "all 20 callers gave up");
+    let st = ctl.status("j", "k").unwrap();
+    assert_eq!((st.state, st.runs, st.successes), (RunState::Running, 1, 0));
+
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!(bodies.finished(), 1, "the body ran to its end");
+    let st = ctl.status("j", "k").unwrap();
+    assert_eq!(st.state, RunState::Idle);
+    assert_eq!((st.runs, st.successes, st.failures), (1, 1, 0));
+    assert_idle_maps(&ctl);
+
+    // Nothing is cached: the next call runs the body again.
+    let v = ctl.run("j", "k", &policy, job.clone()).await.unwrap();
+    assert_eq!(*v, 2);
+    assert_eq!((bodies.started(), bodies.max()), (2, 1));
+    assert_eq!(ctl.status("j", "k").unwrap().successes, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Panics
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_job_fails_every_waiter_frees_the_key_and_caches_nothing() {
+    const WAITERS: usize = 100;
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    let panicking = {
+        let (bodies, gate) = (Arc::clone(&bodies), gate.clone());
+        move |_ctx: JobContext| {
+            let (bodies, gate) = (Arc::clone(&bodies), gate.clone());
+            async move {
+                let _in = bodies.enter();
+                gate.wait().await;
+                explode()
+            }
+        }
+    };
+    let tasks: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (ctl, job) = (ctl.clone(), panicking.clone());
+            tokio::spawn(async move { ctl.run("boom", "k", &JobPolicy::default(), job).await })
+        })
+        .collect();
+    yield_until("all waiters joined", 10_000, || {
+        bodies.started() == 1 && coalesced(&ctl, "boom", "k") == (WAITERS - 1) as u64
+    })
+    .await;
+    gate.open();
+    for t in tasks {
+        let err = within("waiter", secs(1), t).await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, JobError::Panicked { message, .. } if message.contains("job exploded on purpose")),
+            "{err:?}"
+        );
+    }
+    assert_eq!(bodies.started(), 1);
+
+    // The key is free and nothing was left behind.
+    assert_idle_maps(&ctl);
+    let lock = ctl.try_acquire("boom", "k");
+    assert!(lock.is_some(), "the lock was released");
+    drop(lock);
+    let st = ctl.status("boom", "k").unwrap();
+    assert_eq!(
+        (st.state, st.runs, st.successes, st.failures),
+        (RunState::Idle, 1, 0, 1)
+    );
+    assert_eq!(st.last_error_kind, Some("panicked"));
+    assert!(st.last_error.unwrap().contains("job exploded on purpose"));
+
+    // The next call runs again (nothing cached), and other keys are unaffected.
+    let again = Bodies::new();
+    gate.open();
+    let v = ctl
+        .run("boom", "k", &JobPolicy::default(), gated_job(&again, &gate))
+        .await
+        .unwrap();
+    assert_eq!((*v, again.started()), (1, 1));
+    let other = ctl
+        .run(
+            "boom",
+            "other",
+            &JobPolicy::default(),
+            gated_job(&again, &gate),
+        )
+        .await
+        .unwrap();
+    assert_eq!(*other, 2);
+    assert_eq!(ctl.status("boom", "k").unwrap().successes, 1);
+    assert_idle_maps(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closure_that_panics_before_returning_a_future_is_a_failed_run() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let job = {
+        let calls = Arc::clone(&calls);
+        move |_ctx: JobContext| -> std::future::Ready<Result<usize, RunError>> {
+            calls.fetch_add(1, Ordering::SeqCst);
+            panic!("closure exploded synchronously")
+        }
+    };
+    let policy = JobPolicy::default();
+    let (a, b) = tokio::join!(
+        ctl.run("sync", "k", &policy, job.clone()),
+        ctl.run("sync", "k", &policy, job.clone()),
+    );
+    for r in [a, b] {
+        let err = r.unwrap_err();
+        assert!(
+            matches!(&err, JobError::Panicked { message, .. } if message.contains("closure exploded synchronously")),
+            "{err:?}"
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the two callers shared one run"
+    );
+    assert_idle_maps(&ctl);
+    assert!(ctl.try_acquire("sync", "k").is_some());
+
+    // Next call runs again; the controller goes on.
+    let err = ctl
+        .run("sync", "k", &JobPolicy::default(), job.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "panicked");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let v = ctl
+        .run("sync", "k", &JobPolicy::default(), |_ctx| async {
+            Ok::<usize, RunError>(7)
+        })
+        .await
+        .unwrap();
+    assert_eq!(*v, 7);
+    let st = ctl.status("sync", "k").unwrap();
+    assert_eq!((st.runs, st.successes, st.failures), (3, 1, 2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Per-key state is bounded
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_million_idle_keys_cost_nothing_once_their_cooldown_has_passed() {
+    const KEYS: usize = 1_000_000;
+    const BATCH: usize = 10_000;
+    let started = std::time::Instant::now();
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = JobPolicy::builder().cooldown(secs(1)).build().unwrap();
+    let t0 = Instant::now();
+
+    let mut peak = ctl.footprint();
+    for batch in 0..KEYS / BATCH {
+        let (ctl, policy) = (&ctl, &policy);
+        let results = join_all((batch * BATCH..(batch + 1) * BATCH).map(|i| async move {
+            let key = i.to_string();
+            ctl.run("bulk", &key, policy, |_ctx| async { Ok::<u8, RunError>(1) })
+                .await
+        }))
+        .await;
+        assert!(results.iter().all(Result::is_ok), "batch {batch}");
+        let fp = ctl.footprint();
+        peak.key_capacity = peak.key_capacity.max(fp.key_capacity);
+        peak.flight_capacity = peak.flight_capacity.max(fp.flight_capacity);
+        peak.lock_capacity = peak.lock_capacity.max(fp.lock_capacity);
+    }
+    assert!(
+        Instant::now() - t0 < secs(1),
+        "no cooldown passed while driving the keys"
+    );
+
+    // Before the cooldown passes every key is retained (and refuses to run again).
+    assert_eq!(ctl.len(), KEYS);
+    assert_eq!(ctl.housekeep(), 0, "cooling keys are kept");
+    assert_eq!(ctl.footprint().keys, KEYS);
+    assert_idle_maps(&ctl);
+    assert_eq!(
+        ctl.status("bulk", "123456").unwrap().state,
+        RunState::CoolingDown
+    );
+    assert!(peak.key_capacity >= KEYS, "{peak:?}");
+
+    tokio::time::advance(secs(1) + ms(1)).await;
+    assert_eq!(ctl.housekeep(), KEYS);
+    let fp = ctl.footprint();
+    assert_eq!((fp.keys, fp.flights, fp.locks), (0, 0, 0), "{fp:?}");
+    assert!(ctl.is_empty());
+    assert!(
+        fp.key_capacity < 1024 && fp.key_capacity * 1000 < peak.key_capacity,
+        "key capacity shrank: {fp:?}, peak {peak:?}"
+    );
+    assert!(fp.flight_capacity < 1024, "{fp:?}");
+    assert!(fp.lock_capacity < 1024, "{fp:?}");
+    assert!(ctl.status("bulk", "123456").is_none());
+
+    // The controller still works afterwards.
+    let v = ctl
+        .run("bulk", "123456", &policy, |_ctx| async {
+            Ok::<u8, RunError>(2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(*v, 2);
+    eprintln!(
+        "a million keys: {:?} wall, peak {peak:?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Concurrency limits and permits
+// ---------------------------------------------------------------------------------------------
+
+fn limited() -> JobRuntimeController {
+    JobRuntimeController::new(
+        RuntimeConfig::default()
+            .with_max_concurrency(nz(3))
+            .concurrency_group("db", nz(2)),
+    )
+}
+
+fn db() -> JobPolicy {
+    JobPolicy::builder().group("db").build().unwrap()
+}
+
+fn assert_all_permits_back(ctl: &JobRuntimeController) {
+    assert_eq!(ctl.available_permits(None), Some(3), "global permits");
+    assert_eq!(ctl.available_permits(Some("db")), Some(2), "db permits");
+}
+
+/// Drives `n` runs on distinct keys, arriving at seeded random times with seeded random work,
+/// half in group `db`; returns the counters of all bodies and of `db` bodies.
+async fn random_arrivals(
+    ctl: &JobRuntimeController,
+    n: usize,
+    seed: u64,
+) -> (Arc<Bodies>, Arc<Bodies>) {
+    let all = Bodies::new();
+    let in_db = Bodies::new();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let arrive = ms(rng.u64(0..40));
+            let work = Duration::from_micros(rng.u64(0..4_000));
+            let group = rng.bool();
+            let (ctl, all, in_db) = (ctl.clone(), Arc::clone(&all), Arc::clone(&in_db));
+            tokio::spawn(async move {
+                tokio::time::sleep(arrive).await;
+                let policy = if group { db() } else { JobPolicy::default() };
+                let key = format!("k{i}");
+                ctl.run("limited", &key, &policy, move |_ctx| {
+                    let (all, in_db) = (Arc::clone(&all), Arc::clone(&in_db));
+                    async move {
+                        let _a = all.enter();
+                        let _d = group.then(|| in_db.enter());
+                        tokio::time::sleep(work).await;
+                        Ok::<_, RunError>(i)
+                    }
+                })
+                .await
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(*t.await.unwrap().unwrap(), i);
+    }
+    (all, in_db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_flight_attempts_never_exceed_the_limits_under_random_arrivals() {
+    let ctl = limited();
+    let (all, in_db) = within("random arrivals", secs(60), random_arrivals(&ctl, 400, 7)).await;
+    assert_eq!(all.started(), 400);
+    assert!(all.max() <= 3, "global limit 3, saw {}", all.max());
+    assert!(in_db.max() <= 2, "db limit 2, saw {}", in_db.max());
+    assert!(all.max() >= 1 && in_db.max() >= 1);
+    assert_all_permits_back(&ctl);
+    assert_idle_maps(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn limits_are_reached_exactly_and_never_exceeded_on_paused_time() {
+    for seed in 1..=5 {
+        let ctl = limited();
+        let (all, in_db) = random_arrivals(&ctl, 200, seed).await;
+        assert_eq!(all.started(), 200);
+        // Deterministic on paused time: 200 arrivals in 40 ms saturate both limits.
+        assert_eq!(all.max(), 3, "seed {seed}");
+        assert_eq!(in_db.max(), 2, "seed {seed}");
+        assert_all_permits_back(&ctl);
+    }
+}
+
+/// Starts a `db` run of `job` for `key` in a task and waits until its body holds its permits.
+async fn start_db_run<F, Fut>(
+    ctl: &JobRuntimeController,
+    policy: JobPolicy,
+    key: &'static str,
+    bodies: &Arc<Bodies>,
+    job: F,
+) -> tokio::task::JoinHandle<Result<Arc<usize>, JobError>>
+where
+    F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<usize, RunError>> + Send + 'static,
+{
+    let before = bodies.started();
+    let ctl2 = ctl.clone();
+    let h = tokio::spawn(async move { ctl2.run("permits", key, &policy, job).await });
+    yield_until("body started", 1_000, || bodies.started() > before).await;
+    assert_eq!(
+        ctl.available_permits(None),
+        Some(2),
+        "the body holds a global permit"
+    );
+    assert_eq!(
+        ctl.available_permits(Some("db")),
+        Some(1),
+        "and a db permit"
+    );
+    h
+}
+
+/// A body that counts itself, waits for its cancellation, cleans up for `cleanup` (none: it
+/// returns in the same poll that saw the cancellation), then returns its number.
+fn cooperative(
+    bodies: &Arc<Bodies>,
+    cleanup: Duration,
+) -> impl Fn(JobContext) -> support::JobFuture<usize> + Clone + Send + Sync + 'static {
+    let bodies = Arc::clone(bodies);
+    move |ctx: JobContext| {
+        let bodies = Arc::clone(&bodies);
+        Box::pin(async move {
+            let me = bodies.enter();
+            ctx.cancelled().await;
+            if !cleanup.is_zero() {
+                tokio::time::sleep(cleanup).await;
+            }
+            Ok(me.nth)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_come_back_after_a_panic() {
+    let ctl = limited();
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    let job = {
+        let (bodies, gate) = (Arc::clone(&bodies), gate.clone());
+        move |_ctx: JobContext| {
+            let (bodies, gate) = (Arc::clone(&bodies), gate.clone());
+            async move {
+                let _in = bodies.enter();
+                gate.wait().await;
+                explode()
+            }
+        }
+    };
+    let h = start_db_run(&ctl, db(), "panic", &bodies, job).await;
+    gate.open();
+    assert_eq!(h.await.unwrap().unwrap_err().kind(), "panicked");
+    assert_all_permits_back(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_come_back_after_a_replace() {
+    let ctl = limited();
+    let bodies = Bodies::new();
+    let replace = JobPolicy::builder()
+        .group("db")
+        .overlap(Overlap::Replace)
+        .build()
+        .unwrap();
+    let old = start_db_run(
+        &ctl,
+        replace.clone(),
+        "replace",
+        &bodies,
+        cooperative(&bodies, ms(10)),
+    )
+    .await;
+    let gate = Gate::new();
+    gate.open();
+    let new = ctl
+        .run("permits", "replace", &replace, gated_job(&bodies, &gate))
+        .await
+        .unwrap();
+    assert_eq!(*new, 2);
+    let old = old.await.unwrap();
+    assert!(
+        matches!(
+            old,
+            Err(JobError::Cancelled {
+                reason: CancelReason::Replaced,
+                ..
+            })
+        ),
+        "{old:?}"
+    );
+    assert_eq!(bodies.max(), 1);
+    assert_all_permits_back(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_come_back_after_shutdown() {
+    let ctl = limited();
+    let bodies = Bodies::new();
+    let h = start_db_run(
+        &ctl,
+        db(),
+        "shutdown",
+        &bodies,
+        cooperative(&bodies, ms(10)),
+    )
+    .await;
+    // A second run ignores its cancellation and is abandoned after its grace.
+    let stubborn = {
+        let bodies = Arc::clone(&bodies);
+        move |_ctx: JobContext| {
+            let bodies = Arc::clone(&bodies);
+            async move {
+                let _in = bodies.enter();
+                tokio::time::sleep(secs(3_600)).await;
+                Ok::<usize, RunError>(0)
+            }
+        }
+    };
+    let policy = JobPolicy::builder()
+        .group("db")
+        .abandon_grace(ms(500))
+        .build()
+        .unwrap();
+    let ctl2 = ctl.clone();
+    let h2 = tokio::spawn(async move { ctl2.run("permits", "stubborn", &policy, stubborn).await });
+    yield_until("both bodies run", 1_000, || bodies.current() == 2).await;
+    assert_eq!(ctl.available_permits(Some("db")), Some(0));
+
+    let t0 = Instant::now();
+    let clean = ctl.shutdown(secs(1)).await;
+    assert!(!clean, "neither run ended within the grace by itself");
+    assert_eq!(
+        Instant::now() - t0,
+        secs(1) + ms(500),
+        "grace, then the abandon grace"
+    );
+    for h in [h, h2] {
+        let r = h.await.unwrap();
+        assert!(
+            matches!(
+                r,
+                Err(JobError::Cancelled {
+                    reason: CancelReason::Shutdown,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(bodies.current(), 0, "the stubborn body was dropped");
+    assert_all_permits_back(&ctl);
+    assert_idle_maps(&ctl);
+    // New calls are refused after shutdown.
+    let err = ctl
+        .run("permits", "late", &db(), cooperative(&bodies, ms(10)))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        JobError::Cancelled {
+            reason: CancelReason::Shutdown,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_come_back_after_an_attempt_timeout() {
+    let ctl = limited();
+    let bodies = Bodies::new();
+    let policy = JobPolicy::builder()
+        .group("db")
+        .attempt_timeout(secs(2))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let h = start_db_run(
+        &ctl,
+        policy,
+        "timeout",
+        &bodies,
+        cooperative(&bodies, Duration::ZERO),
+    )
+    .await;
+    let err = h.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, JobError::AttemptTimeout { attempt: 1, timeout, .. } if timeout == secs(2)),
+        "{err:?}"
+    );
+    assert_eq!(
+        Instant::now() - t0,
+        secs(2),
+        "the cooperative job stopped at once"
+    );
+    assert_all_permits_back(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_come_back_after_a_job_ignoring_cancellation_is_abandoned() {
+    let ctl = limited();
+    let bodies = Bodies::new();
+    let policy = JobPolicy::builder()
+        .group("db")
+        .attempt_timeout(secs(2))
+        .abandon_grace(ms(500))
+        .build()
+        .unwrap();
+    let saw_cancel = Arc::new(AtomicBool::new(false));
+    let stubborn = {
+        let (bodies, saw_cancel) = (Arc::clone(&bodies), Arc::clone(&saw_cancel));
+        move |ctx: JobContext| {
+            let (bodies, saw_cancel) = (Arc::clone(&bodies), Arc::clone(&saw_cancel));
+            async move {
+                let _in = bodies.enter();
+                // Ignores the token: keeps sleeping after it fires.
+                tokio::time::sleep(secs(3)).await;
+                saw_cancel.store(ctx.is_cancelled(), Ordering::SeqCst);
+                tokio::time::sleep(secs(3_600)).await;
+                Ok::<usize, RunError>(0)
+            }
+        }
+    };
+    let t0 = Instant::now();
+    let h = start_db_run(&ctl, policy, "abandon", &bodies, stubborn).await;
+    let err = h.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), "attempt_timeout", "{err:?}");
+    assert_eq!(
+        Instant::now() - t0,
+        secs(2) + ms(500),
+        "timeout plus abandon grace"
+    );
+    assert_eq!(bodies.current(), 0, "the body was dropped");
+    assert!(
+        !saw_cancel.load(Ordering::SeqCst),
+        "dropped before it woke up"
+    );
+    assert_all_permits_back(&ctl);
+    assert_idle_maps(&ctl);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overlap policies
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn skip_returns_busy_at_once_while_a_run_is_in_flight() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let skip = JobPolicy::builder().overlap(Overlap::Skip).build().unwrap();
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    let first = {
+        let (ctl, skip, job) = (ctl.clone(), skip.clone(), gated_job(&bodies, &gate));
+        tokio::spawn(async move { ctl.run("skip", "k", &skip, job).await })
+    };
+    yield_until("first body started", 1_000, || bodies.started() == 1).await;
+
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        let err = ctl
+            .run("skip", "k", &skip, gated_job(&bodies, &gate))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, JobError::Busy { .. }), "{err:?}");
+        assert!(err.is_rejection());
+    }
+    assert_eq!(Instant::now(), t0, "Busy came at once");
+    assert_eq!(bodies.started(), 1);
+    assert_eq!(coalesced(&ctl, "skip", "k"), 0);
+
+    gate.open();
+    assert_eq!(*first.await.unwrap().unwrap(), 1);
+    // Once the run has ended, Skip runs normally.
+    let v = ctl
+        .run("skip", "k", &skip, gated_job(&bodies, &gate))
+        .await
+        .unwrap();
+    assert_eq!(*v, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_one_shares_one_extra_run_that_starts_after_the_first_ends() {
+    const QUEUED: usize = 20;
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let queue = JobPolicy::builder()
+        .overlap(Overlap::QueueOne)
+        .build()
+        .unwrap();
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    let spawn = || {
+        let (ctl, queue, job) = (ctl.clone(), queue.clone(), gated_job(&bodies, &gate));
+        tokio::spawn(async move { ctl.run("queue", "k", &queue, job).await })
+    };
+    let first = spawn();
+    yield_until("first body started", 1_000, || bodies.started() == 1).await;
+    let later: Vec<_> = (0..QUEUED).map(|_| spawn()).collect();
+    yield_until("all queued", 10_000, || {
+        coalesced(&ctl, "queue", "k") == QUEUED as u64
+    })
+    .await;
+    settle(100).await;
+    assert_eq!(bodies.started(), 1, "the queued run waits for the first");
+
+    gate.open();
+    let first = first.await.unwrap().unwrap();
+    let later: Vec<_> = join_all(later)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert_eq!(*first, 1);
+    assert_eq!(*later[0], 2, "the later callers got the second run");
+    for v in &later {
+        assert!(Arc::ptr_eq(v, &later[0]), "one shared extra run");
+        assert!(!Arc::ptr_eq(v, &first));
+    }
+    assert_eq!(bodies.started(), 2, "exactly one extra run");
+    assert_eq!(bodies.max(), 1, "never two at once");
+    let st = ctl.status("queue", "k").unwrap();
+    assert_eq!((st.runs, st.successes), (2, 2));
+    assert_idle_maps(&ctl);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replace_cancels_the_old_run_and_starts_the_new_one_only_after_it_ended() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let replace = JobPolicy::builder()
+        .overlap(Overlap::Replace)
+        .build()
+        .unwrap();
+    let coalesce = JobPolicy::default();
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    // The body finishes at the gate; when cancelled it takes 300 ms to clean up first.
+    let job = {
+        let (bodies, gate) = (Arc::clone(&bodies), gate.clone());
+        move |ctx: JobContext| {
+            let (bodies, gate) = (Arc::clone(&bodies), gate.clone());
+            async move {
+                let me = bodies.enter();
+                tokio::select! {
+                    _ = gate.wait() => {}
+                    _ = ctx.cancelled() => tokio::time::sleep(ms(300)).await,
+                }
+                Ok::<_, RunError>(me.nth)
+            }
+        }
+    };
+    let spawn = |policy: &JobPolicy| {
+        let (ctl, policy, job) = (ctl.clone(), policy.clone(), job.clone());
+        tokio::spawn(async move { ctl.run("replace", "k", &policy, job).await })
+    };
+
+    let mut old = vec![spawn(&replace)];
+    yield_until("old body started", 1_000, || bodies.started() == 1).await;
+    old.extend((0..5).map(|_| spawn(&coalesce)));
+    yield_until("old joiners", 1_000, || {
+        coalesced(&ctl, "replace", "k") == 5
+    })
+    .await;
+
+    let t0 = Instant::now();
+    let mut new = vec![spawn(&replace)];
+    settle(100).await;
+    new.extend((0..5).map(|_| spawn(&coalesce)));
+    yield_until("new joiners", 1_000, || {
+        coalesced(&ctl, "replace", "k") == 10
+    })
+    .await;
+    assert_eq!(
+        bodies.started(),
+        1,
+        "the new run waits while the old one cleans up"
+    );
+    tokio::time::sleep(ms(299)).await;
+    settle(100).await;
+    assert_eq!(bodies.started(), 1, "still cleaning up");
+    tokio::time::sleep(ms(1)).await;
+    yield_until("the new body started", 1_000, || bodies.started() == 2).await;
+    assert_eq!(Instant::now() - t0, ms(300));
+
+    for h in old {
+        let err = h.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                JobError::Cancelled {
+                    reason: CancelReason::Replaced,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    gate.open();
+    let new: Vec<_> = join_all(new)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert_eq!(*new[0], 2);
+    assert!(new.iter().all(|v| Arc::ptr_eq(v, &new[0])));
+    assert_eq!(bodies.max(), 1, "never two bodies at once");
+    let st = ctl.status("replace", "k").unwrap();
+    assert_eq!((st.runs, st.successes, st.failures), (2, 1, 1));
+    assert_idle_maps(&ctl);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cooldown and status
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn cooldown_rejects_at_once_and_a_forced_run_bypasses_it() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = JobPolicy::builder()
+        .cooldown(secs(10))
+        .failure_cooldown(secs(2))
+        .build()
+        .unwrap();
+    let bodies = Bodies::new();
+    let gate = Gate::new();
+    gate.open();
+    let job = gated_job(&bodies, &gate);
+
+    assert_eq!(
+        *ctl.run("cool", "k", &policy, job.clone()).await.unwrap(),
+        1
+    );
+    let t0 = Instant::now();
+    let err = ctl
+        .run("cool", "k", &policy, job.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JobError::CoolingDown { remaining, .. } if remaining == secs(10)),
+        "{err:?}"
+    );
+    assert_eq!(err.retry_after(), Some(secs(10)));
+    assert_eq!(Instant::now(), t0, "refused at once, no wait");
+    assert_eq!(bodies.started(), 1);
+
+    tokio::time::sleep(secs(4)).await;
+    let err = ctl
+        .run("cool", "k", &policy, job.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.retry_after(), Some(secs(6)));
+    let st = ctl.status("cool", "k").unwrap();
+    assert_eq!(st.state, RunState::CoolingDown);
+    assert_eq!(st.cooldown_rejections, 2);
+    assert_eq!(st.cooldown_remaining, Some(secs(6)));
+
+    // A forced run bypasses the cooldown, and restarts it.
+    assert_eq!(
+        *ctl.run_forced("cool", "k", &policy, job.clone())
+            .await
+            .unwrap(),
+        2
+    );
+    let err = ctl
+        .run("cool", "k", &policy, job.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.retry_after(), Some(secs(10)));
+
+    tokio::time::sleep(secs(10)).await;
+    assert_eq!(ctl.status("cool", "k").unwrap().state, RunState::Idle);
+    assert_eq!(
+        *ctl.run("cool", "k", &policy, job.clone()).await.unwrap(),
+        3
+    );
+
+    // A failure sets the failure cooldown.
+    let err = ctl
+        .run_forced("cool", "k", &policy, |_ctx| async {
+            Err::<usize, _>(RunError::permanent(std::io::Error::other("disk on fire")))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "failed");
+    let err = ctl
+        .run("cool", "k", &policy, job.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.retry_after(), Some(secs(2)));
+    assert_eq!(bodies.started(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_tracks_runs_and_serializes_with_rfc3339_timestamps() {
+    // 2024-05-06T07:08:09Z
+    let wall0 = UNIX_EPOCH + Duration::from_secs(1_714_979_289);
+    let ctl =
+        JobRuntimeController::with_clock(RuntimeConfig::default(), Clock::with_wall_start(wall0));
+    let policy = JobPolicy::builder().cooldown(secs(60)).build().unwrap();
+    assert!(
+        ctl.status("status", "k").is_none(),
+        "no state before the first run"
+    );
+
+    let gate = Gate::new();
+    let job = {
+        let gate = gate.clone();
+        move |ctx: JobContext| {
+            let gate = gate.clone();
+            async move {
+                ctx.progress(3, 10);
+                gate.wait().await;
+                tokio::time::sleep(ms(1_500)).await;
+                Ok::<_, RunError>(ctx.fencing_token())
+            }
+        }
+    };
+    tokio::time::sleep(secs(1)).await;
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let (ctl, policy, job) = (ctl.clone(), policy.clone(), job.clone());
+            tokio::spawn(async move { ctl.run("status", "k", &policy, job).await })
+        })
+        .collect();
+    yield_until("two joined", 1_000, || coalesced(&ctl, "status", "k") == 2).await;
+    settle(10).await;
+
+    let st = ctl.status("status", "k").unwrap();
+    assert_eq!(st.state, RunState::Running);
+    assert_eq!(
+        (st.runs, st.successes, st.failures, st.coalesced),
+        (1, 0, 0, 2)
+    );
+    assert_eq!(st.last_start, Some(wall0 + secs(1)));
+    assert_eq!(st.progress.map(|p| (p.done, p.total)), Some((3, 10)));
+    assert_eq!(st.last_heartbeat, Some(wall0 + secs(1)));
+    let token = st
+        .fencing_token
+        .expect("a run in flight has a fencing token");
+    let json = serde_json::to_value(&st).unwrap();
+    assert_eq!(json["state"], "running");
+    assert_eq!(json["last_start"], "2024-05-06T07:08:10.000Z");
+    assert!(json["last_success"].is_null());
+
+    gate.open();
+    for c in calls {
+        assert_eq!(
+            *c.await.unwrap().unwrap(),
+            token,
+            "the job saw the lock's token"
+        );
+    }
+
+    let st = ctl.status("status", "k").unwrap();
+    assert_eq!(st.state, RunState::CoolingDown);
+    assert_eq!((st.runs, st.successes, st.failures), (1, 1, 0));
+    assert_eq!(st.last_duration, Some(ms(1_500)));
+    assert_eq!(st.last_success, Some(wall0 + ms(2_500)));
+    assert_eq!(st.cooldown_remaining, Some(secs(60)));
+    assert_eq!(st.last_error, None);
+
+    let json = serde_json::to_value(&st).unwrap();
+    assert_eq!(json["job"], "status");
+    assert_eq!(json["key"], "k");
+    assert_eq!(json["state"], "cooling_down");
+    assert_eq!(json["runs"], 1);
+    assert_eq!(json["successes"], 1);
+    assert_eq!(json["coalesced"], 2);
+    assert_eq!(json["last_duration_ms"], 1_500.0);
+    assert_eq!(json["cooldown_remaining_ms"], 60_000.0);
+    for field in ["last_start", "last_success", "last_heartbeat"] {
+        let s = json[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field} is a string: {json}"));
+        let t: SystemTime = humantime::parse_rfc3339(s)
+            .unwrap_or_else(|e| panic!("{field} = {s:?} is not RFC 3339: {e}"));
+        assert!(t >= wall0 && t <= wall0 + secs(3), "{field} = {s}");
+    }
+    assert_eq!(json["last_success"], "2024-05-06T07:08:11.500Z");
+
+    // A failed (forced) run: failures, last error and its kind.
+    let err = ctl
+        .run_forced("status", "k", &policy, |_ctx| async {
+            Err::<u64, _>(RunError::permanent(std::io::Error::other(
+                "upstream said no",
+            )))
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("upstream said no"));
+    let st = ctl.status("status", "k").unwrap();
+    assert_eq!((st.runs, st.successes, st.failures), (2, 1, 1));
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("upstream said no")
+    );
+    assert_eq!(st.last_error_kind, Some("failed"));
+    assert_eq!(
+        st.last_success,
+        Some(wall0 + ms(2_500)),
+        "kept from the good run"
+    );
+    let json = serde_json::to_value(&st).unwrap();
+    assert_eq!(json["failures"], 1);
+    assert_eq!(json["last_error_kind"], "failed");
+    assert!(
+        json["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("upstream said no")
+    );
+
+    let all = ctl.statuses();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].key, "k");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Known src bug (ignored until fixed): a job that returns in the same poll that sees its
+// cancellation has its result published as the run's result, so Replace / shutdown do not
+// give `Cancelled`. `budget::run_bounded` polls the job before the outer token (`biased`), and
+// the attempt's token is a child of the run's, so both fire together. Run with `--ignored`.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn replaced_callers_get_cancelled_even_when_the_old_job_returns_at_once() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let replace = JobPolicy::builder()
+        .overlap(Overlap::Replace)
+        .build()
+        .unwrap();
+    let bodies = Bodies::new();
+    let old = {
+        let (ctl, replace, job) = (
+            ctl.clone(),
+            replace.clone(),
+            cooperative(&bodies, Duration::ZERO),
+        );
+        tokio::spawn(async move { ctl.run("bug", "replace", &replace, job).await })
+    };
+    yield_until("old body started", 1_000, || bodies.started() == 1).await;
+    let gate = Gate::new();
+    gate.open();
+    let new = ctl
+        .run("bug", "replace", &replace, gated_job(&bodies, &gate))
+        .await
+        .unwrap();
+    assert_eq!(*new, 2);
+    let old = old.await.unwrap();
+    // Today: Ok(1), and status counts the replaced run as a success.
+    assert!(
+        matches!(
+            old,
+            Err(JobError::Cancelled {
+                reason: CancelReason::Replaced,
+                ..
+            })
+        ),
+        "{old:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_cancels_a_job_that_returns_at_once_when_cancelled() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let bodies = Bodies::new();
+    let h = {
+        let (ctl, job) = (ctl.clone(), cooperative(&bodies, Duration::ZERO));
+        tokio::spawn(async move { ctl.run("bug", "shutdown", &JobPolicy::default(), job).await })
+    };
+    yield_until("body started", 1_000, || bodies.started() == 1).await;
+    assert!(!ctl.shutdown(secs(1)).await);
+    let r = h.await.unwrap();
+    // Today: Ok(1).
+    assert!(
+        matches!(
+            r,
+            Err(JobError::Cancelled {
+                reason: CancelReason::Shutdown,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
