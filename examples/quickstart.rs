@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use job_runtime::{Jitter, JobError, JobPolicy, JobRuntimeController, RateLimit, RetryPolicy, RunError, RuntimeConfig};
+use job_runtime::{
+    Jitter, JobError, JobPolicy, JobRuntimeController, RateLimit, RetryPolicy, RunError,
+    RuntimeConfig,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,7 +27,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 1. Single-flight under contention.
     let scan_runs = Arc::new(AtomicUsize::new(0));
-    let scan = JobPolicy::builder().cooldown(Duration::from_secs(2)).build()?;
+    let scan = JobPolicy::builder()
+        .cooldown(Duration::from_secs(2))
+        .build()?;
     let callers = (0..200).map(|_| {
         let (ctl, scan, runs) = (ctl.clone(), scan.clone(), scan_runs.clone());
         tokio::spawn(async move {
@@ -44,13 +49,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let results: Vec<_> = futures_join(callers).await;
     let first = results[0].as_ref().unwrap().clone();
-    let shared = results.iter().filter(|r| Arc::ptr_eq(r.as_ref().unwrap(), &first)).count();
+    let shared = results
+        .iter()
+        .filter(|r| Arc::ptr_eq(r.as_ref().unwrap(), &first))
+        .count();
 
     // 2. Cooldown: the next callers are refused at once.
     let mut refused = 0;
     let mut wait_hint = Duration::ZERO;
     for _ in 0..50 {
-        match ctl.run("scan", "sessions", &scan, |_| async { Ok(String::new()) }).await {
+        match ctl
+            .run("scan", "sessions", &scan, |_| async { Ok(String::new()) })
+            .await
+        {
             Err(JobError::CoolingDown { remaining, .. }) => {
                 refused += 1;
                 wait_hint = remaining;
@@ -59,7 +70,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // A forced (manual) rescan bypasses the cooldown.
-    ctl.run_forced("scan", "sessions", &scan, |_| async { Ok(String::from("forced")) }).await?;
+    ctl.run_forced("scan", "sessions", &scan, |_| async {
+        Ok(String::from("forced"))
+    })
+    .await?;
 
     // 3. Retry with jitter.
     let fetch_attempts = Arc::new(AtomicUsize::new(0));
@@ -94,7 +108,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let peak = Arc::new(AtomicUsize::new(0));
     let report = JobPolicy::builder().group("db").build()?;
     let reports = (0..40).map(|i| {
-        let (ctl, report, running, peak) = (ctl.clone(), report.clone(), running.clone(), peak.clone());
+        let (ctl, report, running, peak) =
+            (ctl.clone(), report.clone(), running.clone(), peak.clone());
         tokio::spawn(async move {
             ctl.run("report", &format!("customer-{i}"), &report, move |_| {
                 let (running, peak) = (running.clone(), peak.clone());
@@ -109,15 +124,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await
         })
     });
-    let done = futures_join(reports).await.into_iter().filter(|r| r.is_ok()).count();
+    let done = futures_join(reports)
+        .await
+        .into_iter()
+        .filter(|r| r.is_ok())
+        .count();
 
     let s = ctl.status("scan", "sessions").expect("scan has status");
     let f = ctl.status("fetch", "upstream").expect("fetch has status");
-    println!("job-runtime quickstart report ({:.0?} in all)", wall.elapsed());
-    println!("  scan:   200 concurrent callers -> {} run(s) of the body, {shared} callers got the same Arc, {} coalesced", scan_runs.load(Ordering::SeqCst), s.coalesced);
-    println!("  scan:   {refused} calls refused during the cooldown (next allowed in {wait_hint:.0?}), then 1 forced rescan; runs in status: {}", s.runs);
-    println!("  fetch:  {} attempts, {} retries, result: {body}", fetch_attempts.load(Ordering::SeqCst), f.retries);
-    println!("  report: {done}/40 runs done, at most {} at once (group limit 4)", peak.load(Ordering::SeqCst));
+    println!(
+        "job-runtime quickstart report ({:.0?} in all)",
+        wall.elapsed()
+    );
+    println!(
+        "  scan:   200 concurrent callers -> {} run(s) of the body, {shared} callers got the same Arc, {} coalesced",
+        scan_runs.load(Ordering::SeqCst),
+        s.coalesced
+    );
+    println!(
+        "  scan:   {refused} calls refused during the cooldown (next allowed in {wait_hint:.0?}), then 1 forced rescan; runs in status: {}",
+        s.runs
+    );
+    println!(
+        "  fetch:  {} attempts, {} retries, result: {body}",
+        fetch_attempts.load(Ordering::SeqCst),
+        f.retries
+    );
+    println!(
+        "  report: {done}/40 runs done, at most {} at once (group limit 4)",
+        peak.load(Ordering::SeqCst)
+    );
     println!("  status of scan as JSON: {}", serde_json_lite(&s));
     Ok(())
 }

@@ -120,7 +120,8 @@ pub struct KeyStatus {
     pub successes: u64,
     /// Runs that failed.
     pub failures: u64,
-    /// Callers that joined a run in flight instead of starting one.
+    /// Callers that joined a run instead of starting one: the run in flight (`Coalesce`) or
+    /// the one queued behind it (`QueueOne`).
     pub coalesced: u64,
     /// Calls refused because the key was cooling down.
     pub cooldown_rejections: u64,
@@ -647,7 +648,12 @@ impl JobRuntimeController {
             if let Some(c) = &inner.coord {
                 match c.cooldown_remaining(job, key).await {
                     Ok(None) => {}
-                    Ok(Some(remaining)) => return Err(cooling(&rk, remaining)),
+                    Ok(Some(remaining)) => {
+                        if let Some(rec) = &existing {
+                            rec.data().cooldown_rejections += 1;
+                        }
+                        return Err(cooling(&rk, remaining));
+                    }
                     Err(e) => {
                         return Err(JobError::Backend {
                             job: rk.job,
@@ -884,6 +890,7 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
             {
                 let mut d = self.record.data();
                 d.running = false;
+                d.failures += 1;
                 d.last_error = Some(err.to_string());
                 d.last_error_kind = Some(err.kind());
                 d.keep_until = Some(add_saturating(now, self.inner.config.status_retention));

@@ -423,15 +423,18 @@ async fn two_replicas_on_the_in_process_coordinator_never_run_one_key_at_once() 
         tokio::spawn(async move { ctl.run("pair", "held", &JobPolicy::default(), job).await })
     };
     yield_until("replica 0 runs", 1_000, || bodies.started() == 1).await;
-    let err = replicas[1]
-        .run(
+    let err = within(
+        "replica 1 on a key replica 0 runs",
+        secs(5),
+        replicas[1].run(
             "pair",
             "held",
             &JobPolicy::default(),
             gated_job(&bodies, &gate),
-        )
-        .await
-        .unwrap_err();
+        ),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, JobError::Busy { .. }), "{err:?}");
     gate.open();
     assert_eq!(*h.await.unwrap().unwrap(), 1);
@@ -467,7 +470,7 @@ async fn two_replicas_on_the_in_process_coordinator_never_run_one_key_at_once() 
             })
         })
         .collect();
-    let results = join_all(calls).await;
+    let results = within("both replicas", secs(600), join_all(calls)).await;
     assert!(
         results.into_iter().all(|r| r.unwrap().is_ok()),
         "every call ran or joined a run"
@@ -487,9 +490,9 @@ async fn two_replicas_on_the_in_process_coordinator_never_run_one_key_at_once() 
     }
 }
 
-/// Known src bug (ignored until fixed): see the same case in `tests/controller.rs`. A job that
-/// stops as soon as it sees the lost lease has its own result published instead of
-/// `Cancelled { reason: LeaseLost }` — here a success, although its lease was lost.
+/// Regression (see the same case in `tests/controller.rs`): a job that stops as soon as it sees
+/// the lost lease is still `Cancelled { reason: LeaseLost }`, never a success published by a
+/// holder that lost its lease.
 #[tokio::test(start_paused = true)]
 async fn a_lost_lease_cancels_a_job_that_stops_at_once() {
     let backend = FakeBackend::new(1);
@@ -514,7 +517,6 @@ async fn a_lost_lease_cancels_a_job_that_stops_at_once() {
     yield_until("body started", 1_000, || bodies.started() == 1).await;
     backend.lose("lease", "k");
     let r = within("run", secs(10), h).await.unwrap();
-    // Today: Ok(0), and status counts a success.
     assert!(
         matches!(
             r,
@@ -525,4 +527,6 @@ async fn a_lost_lease_cancels_a_job_that_stops_at_once() {
         ),
         "{r:?}"
     );
+    let st = ctl.status("lease", "k").unwrap();
+    assert_eq!((st.successes, st.failures), (0, 1));
 }
