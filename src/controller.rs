@@ -50,16 +50,34 @@ use crate::lock::{FencingToken, KeyGuard, KeyedLocks};
 use crate::time::{Clock, Instant, add_saturating, serde_fmt};
 
 /// A job name and a key: what one run is about.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RunKey {
+    /// Hash of (job, key), computed once: every map the key visits hashes 8 bytes instead of
+    /// two strings.
+    hash: u64,
     job: Arc<str>,
     key: Arc<str>,
+}
+
+impl std::hash::Hash for RunKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Process-wide random keys for [`RunKey`] hashes (as `HashMap`'s default, so keys chosen by
+/// an attacker still cannot be made to collide).
+fn run_key_hasher() -> &'static std::hash::RandomState {
+    static STATE: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    STATE.get_or_init(std::hash::RandomState::new)
 }
 
 impl RunKey {
     /// A run key.
     pub fn new(job: &str, key: &str) -> Self {
+        use std::hash::BuildHasher;
         Self {
+            hash: run_key_hasher().hash_one((job, key)),
             job: job.into(),
             key: key.into(),
         }
@@ -274,8 +292,10 @@ const REASON_NONE: u8 = 0;
 struct RunHandle {
     token: CancellationToken,
     reason: AtomicU8,
-    /// Cancelled once the run has fully ended (its lock released).
-    ended: CancellationToken,
+    /// Set once the run has fully ended (its lock released); a flag and a `Notify` rather than
+    /// a `CancellationToken`, which would cost an allocation per run.
+    ended: std::sync::atomic::AtomicBool,
+    ended_notify: tokio::sync::Notify,
 }
 
 impl RunHandle {
@@ -286,8 +306,26 @@ impl RunHandle {
         Arc::new(Self {
             token: CancellationToken::new(),
             reason: AtomicU8::new(REASON_NONE),
-            ended: CancellationToken::new(),
+            ended: std::sync::atomic::AtomicBool::new(false),
+            ended_notify: tokio::sync::Notify::new(),
         })
+    }
+
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.ended_notify.notify_waiters();
+    }
+
+    async fn wait_ended(&self) {
+        loop {
+            let n = self.ended_notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.ended.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
     }
 
     fn cancel(&self, reason: CancelReason) {
@@ -702,7 +740,7 @@ impl JobRuntimeController {
                     let slot = o.get_mut();
                     downcast::<T>(&slot.flight, &rk)?;
                     slot.run.cancel(CancelReason::Replaced);
-                    let prev_ended = slot.run.ended.clone();
+                    let prev_ended = Arc::clone(&slot.run);
                     let flight = Arc::new(Flight::<T>::new());
                     let run = RunHandle::new();
                     let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
@@ -749,17 +787,7 @@ impl JobRuntimeController {
         };
         if let Some((id, run, record, flight, f, prev)) = launch {
             let policy = Arc::new(policy.into_owned());
-            Inner::launch(
-                &self.inner,
-                rk,
-                policy,
-                record,
-                id,
-                run,
-                flight,
-                Arc::new(f),
-                prev,
-            );
+            Inner::launch(&self.inner, rk, policy, record, id, run, flight, f, prev);
         }
         flight.wait().await
     }
@@ -783,17 +811,7 @@ impl JobRuntimeController {
         let policy = Arc::new(policy.clone());
         Box::new(move |id, run| {
             if let Some(inner) = inner.upgrade() {
-                Inner::launch(
-                    &inner,
-                    rk,
-                    policy,
-                    record,
-                    id,
-                    run,
-                    flight,
-                    Arc::new(f),
-                    None,
-                );
+                Inner::launch(&inner, rk, policy, record, id, run, flight, f, None);
             }
         })
     }
@@ -851,7 +869,6 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         let Some(flight) = self.flight.take() else {
             return;
         };
-        flight.complete(result);
         let next = match self.inner.flights.entry(self.rk.clone()) {
             Entry::Occupied(mut o) if o.get().id == self.id => match o.get_mut().queued.take() {
                 Some(mut q) => {
@@ -870,7 +887,10 @@ impl<T: Send + Sync + 'static> Finisher<T> {
             },
             _ => None,
         };
-        self.run.ended.cancel();
+        // Published only once the entry is gone (or handed to the queued run): a caller who
+        // arrives after the run has ended must start a new run, not join the finished one.
+        flight.complete(result);
+        self.run.end();
         if let Some((start, id, run)) = next {
             start(id, run);
         }
@@ -939,8 +959,8 @@ impl Inner {
         id: u64,
         run: Arc<RunHandle>,
         flight: Arc<Flight<T>>,
-        f: Arc<F>,
-        prev_ended: Option<CancellationToken>,
+        f: F,
+        prev_ended: Option<Arc<RunHandle>>,
     ) where
         T: Send + Sync + 'static,
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
@@ -956,7 +976,7 @@ impl Inner {
         };
         this.tracker.spawn(async move {
             if let Some(prev) = prev_ended {
-                prev.cancelled().await;
+                prev.wait_ended().await;
             }
             let inner = Arc::clone(&fin.inner);
             let result = AssertUnwindSafe(Box::pin(inner.pipeline(
@@ -965,7 +985,7 @@ impl Inner {
                 &fin.record,
                 &fin.run,
                 id,
-                &*f,
+                &f,
             )))
             .catch_unwind()
             .await
@@ -1222,10 +1242,14 @@ impl Inner {
             if deadline.expired(Instant::now()) {
                 return Err(budget_exceeded(last));
             }
-            let permits = tokio::select! {
-                biased;
-                _ = run.token.cancelled() => return Err(cancelled()),
-                p = self.limits.acquire(policy.group.as_deref(), deadline.at()) => p,
+            // No limit to wait for (the common case): skip registering on the run's token.
+            let permits = match self.limits.open(policy.group.as_deref()) {
+                Some(p) => p,
+                None => tokio::select! {
+                    biased;
+                    _ = run.token.cancelled() => return Err(cancelled()),
+                    p = self.limits.acquire(policy.group.as_deref(), deadline.at()) => p,
+                },
             };
             let permits = match permits {
                 Ok(p) => p,
@@ -1332,16 +1356,25 @@ impl Inner {
         let n = self.since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= 4096 && n as usize >= self.keys.len() / 2 {
             self.since_sweep.store(0, Ordering::Relaxed);
-            self.housekeep();
+            // Amortised sweep: drop idle keys but keep the tables' capacity, so a steady stream
+            // of new keys does not shrink and regrow them every 4,096 runs.
+            self.prune(false);
         }
     }
 
     fn housekeep(&self) -> usize {
+        self.prune(true)
+    }
+
+    fn prune(&self, shrink: bool) -> usize {
         let now = Instant::now();
         let before = self.keys.len();
         self.keys
             .retain(|_, rec| Arc::strong_count(rec) > 1 || !rec.removable(now));
         let removed = before.saturating_sub(self.keys.len());
+        if !shrink {
+            return removed;
+        }
         if self.keys.len() * 4 < self.keys.capacity() {
             self.keys.shrink_to_fit();
         }

@@ -239,6 +239,16 @@ impl Limits {
         Self { global, groups }
     }
 
+    /// Permits at once when neither the global scope nor `group` limits anything; `None` when
+    /// `acquire` has something to take (or the group is unknown: `acquire` reports it).
+    pub(crate) fn open(&self, group: Option<&str>) -> Option<Result<Permits, LimitError>> {
+        let group_open = match group {
+            Some(g) => self.groups.get(g).is_some_and(Gate::is_open),
+            None => true,
+        };
+        (group_open && self.global.is_open()).then(|| Ok(Permits::default()))
+    }
+
     pub(crate) fn has_group(&self, name: &str) -> bool {
         self.groups.contains_key(name)
     }
