@@ -1227,3 +1227,25 @@ async fn shutdown_cancels_a_job_that_returns_at_once_when_cancelled() {
         "{r:?}"
     );
 }
+
+/// Regression: a finished run used to publish its result before removing its in-flight entry,
+/// so on a multi-threaded runtime a caller arriving in that window joined the finished run and
+/// got its old result without the job running. Sequential calls must each run the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_calls_never_join_a_run_that_already_ended() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = JobPolicy::default();
+    let bodies = Arc::new(AtomicUsize::new(0));
+    for call in 1..=2_000usize {
+        let b = Arc::clone(&bodies);
+        let n = ctl
+            .run("seq", "k", &policy, move |_ctx| {
+                let b = Arc::clone(&b);
+                async move { Ok::<_, job_runtime::RunError>(b.fetch_add(1, Ordering::SeqCst) + 1) }
+            })
+            .await
+            .unwrap();
+        assert_eq!(*n, call, "call {call} got the result of an earlier run");
+    }
+    assert_eq!(bodies.load(Ordering::SeqCst), 2_000);
+}
