@@ -13,7 +13,6 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
@@ -41,14 +40,12 @@ pub type Shared<T> = Result<Arc<T>, JobError>;
 pub struct Flight<T> {
     result: OnceLock<Shared<T>>,
     done: Notify,
-    followers: AtomicU64,
 }
 
 impl<T> fmt::Debug for Flight<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Flight")
             .field("done", &self.result.get().is_some())
-            .field("followers", &self.followers.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -65,7 +62,6 @@ impl<T> Flight<T> {
         Self {
             result: OnceLock::new(),
             done: Notify::new(),
-            followers: AtomicU64::new(0),
         }
     }
 
@@ -92,15 +88,5 @@ impl<T> Flight<T> {
             }
             notified.await;
         }
-    }
-
-    /// Counts one more caller that joined this run instead of starting its own.
-    pub fn add_follower(&self) -> u64 {
-        self.followers.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Callers that joined this run.
-    pub fn followers(&self) -> u64 {
-        self.followers.load(Ordering::Relaxed)
     }
 }
