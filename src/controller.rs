@@ -19,16 +19,19 @@
 //! backoff and every call to the guarded system spends a token. `docs/pipeline.md` says the
 //! same at length; this file is the only place the order is implemented (`Inner::pipeline`).
 //!
-//! The run is a task of its own (under the controller's `TaskTracker`), so no caller — not even
-//! the one that started it — can cancel it by giving up, and the in-flight entry stays until
-//! the run has ended, so giving up never lets a duplicate start.
+//! The caller that starts a run polls it in its own task (no spawn, no wake-up across threads);
+//! if that caller gives up, the run moves to a task of the controller's `TaskTracker` and goes
+//! on, so no caller can cancel it by giving up. The in-flight entry stays until the run has
+//! ended, so giving up never lets a duplicate start either.
 
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
@@ -37,6 +40,7 @@ use futures_util::FutureExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::budget::{AttemptEnd, Deadline, Limit, run_bounded};
 use crate::config::RuntimeConfig;
@@ -62,6 +66,38 @@ pub struct RunKey {
 impl std::hash::Hash for RunKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u64(self.hash);
+    }
+}
+
+/// Hashes a [`RunKey`] by the hash it carries, so the controller's maps do not hash it again.
+///
+/// That hash was computed once, with process-wide random keys, in [`RunKey::new`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunKeyHash;
+
+impl std::hash::BuildHasher for RunKeyHash {
+    type Hasher = PassThrough;
+    fn build_hasher(&self) -> PassThrough {
+        PassThrough(0)
+    }
+}
+
+/// The hasher of [`RunKeyHash`]: keeps the `u64` it is given (other input is folded in, for
+/// completeness; the maps only ever give it a `RunKey`).
+#[derive(Debug, Default)]
+pub struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -99,7 +135,7 @@ impl fmt::Debug for RunKey {
 }
 
 /// A held per-key lock from [`JobRuntimeController::try_acquire`]; released on drop.
-pub type KeyLock = KeyGuard<RunKey>;
+pub type KeyLock = KeyGuard<RunKey, RunKeyHash>;
 
 /// What a key is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -399,9 +435,9 @@ struct Slot {
 struct Inner {
     config: RuntimeConfig,
     clock: Clock,
-    locks: Arc<KeyedLocks<RunKey>>,
-    flights: DashMap<RunKey, Slot>,
-    keys: DashMap<RunKey, Arc<KeyRecord>>,
+    locks: Arc<KeyedLocks<RunKey, RunKeyHash>>,
+    flights: DashMap<RunKey, Slot, RunKeyHash>,
+    keys: DashMap<RunKey, Arc<KeyRecord>, RunKeyHash>,
     limits: Limits,
     coord: Option<Arc<dyn Coordinator>>,
     tracker: TaskTracker,
@@ -424,9 +460,14 @@ struct Inner {
 /// # async fn main() {
 /// let ctl = JobRuntimeController::new(RuntimeConfig::default());
 /// let policy = JobPolicy::default();
-/// // Two concurrent callers of one key share one run and one Arc.
+/// // Two concurrent callers of one key share one run and one Arc. (The job yields once, so
+/// // the second caller arrives while the first caller's run is in flight.)
+/// let scan = |_ctx| async {
+///     tokio::task::yield_now().await;
+///     Ok(vec![1, 2, 3])
+/// };
 /// let (a, b) = tokio::join!(
-///     ctl.run("scan", "user-1", &policy, |_ctx| async { Ok(vec![1, 2, 3]) }),
+///     ctl.run("scan", "user-1", &policy, scan),
 ///     ctl.run("scan", "user-1", &policy, |_ctx| async { Ok(vec![9]) }),
 /// );
 /// assert!(Arc::ptr_eq(&a.unwrap(), &b.unwrap()));
@@ -479,9 +520,9 @@ impl JobRuntimeController {
                 limits: Limits::new(global, groups),
                 config,
                 clock,
-                locks: Arc::new(KeyedLocks::new()),
-                flights: DashMap::new(),
-                keys: DashMap::new(),
+                locks: Arc::new(KeyedLocks::with_hasher(RunKeyHash)),
+                flights: DashMap::with_hasher(RunKeyHash),
+                keys: DashMap::with_hasher(RunKeyHash),
                 coord,
                 tracker: TaskTracker::new(),
                 root: CancellationToken::new(),
@@ -786,8 +827,23 @@ impl JobRuntimeController {
             }
         };
         if let Some((id, run, record, flight, f, prev)) = launch {
-            let policy = Arc::new(policy.into_owned());
-            Inner::launch(&self.inner, rk, policy, record, id, run, flight, f, prev);
+            let policy = policy.into_owned();
+            let run = Inner::run_future(
+                &self.inner,
+                rk,
+                policy,
+                record,
+                id,
+                run,
+                flight.clone(),
+                f,
+                prev,
+            );
+            Lead {
+                run: Some(run),
+                tracker: inner.tracker.token(),
+            }
+            .await;
         }
         flight.wait().await
     }
@@ -808,10 +864,11 @@ impl JobRuntimeController {
     {
         let inner = Arc::downgrade(&self.inner);
         let (rk, record, flight) = (rk.clone(), Arc::clone(record), Arc::clone(flight));
-        let policy = Arc::new(policy.clone());
+        let policy = policy.clone();
         Box::new(move |id, run| {
             if let Some(inner) = inner.upgrade() {
-                Inner::launch(&inner, rk, policy, record, id, run, flight, f, None);
+                let run = Inner::run_future(&inner, rk, policy, record, id, run, flight, f, None);
+                inner.tracker.spawn(run);
             }
         })
     }
@@ -920,6 +977,45 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
     }
 }
 
+/// An admitted run: steps 3 to 6 and its end, boxed once.
+type RunFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The run as polled by the caller that started it.
+///
+/// Polling the run in the caller's own task costs no spawn and no wake-up across threads. If
+/// the caller gives up (drops its future) before the run has ended, the run moves to a task of
+/// the controller's tracker and goes on for everyone else: giving up never cancels it. The
+/// tracker token counts the run while the caller polls it, so shutdown waits for it too.
+struct Lead {
+    run: Option<RunFuture>,
+    tracker: TaskTrackerToken,
+}
+
+impl Future for Lead {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(run) = self.run.as_mut() else {
+            return Poll::Ready(());
+        };
+        ready!(run.as_mut().poll(cx));
+        self.run = None;
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take() {
+            // Outside a runtime (it is being torn down) the run is dropped instead, and its
+            // `Finisher` ends it as cancelled.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                self.tracker.task_tracker().spawn_on(run, &rt);
+            }
+        }
+    }
+}
+
 /// A lock held for one run: local, or a lease on a shared backend kept alive by a renew task.
 enum HeldLock {
     Local(KeyLock),
@@ -950,18 +1046,21 @@ impl Inner {
         }
     }
 
+    /// Steps 3 to 6 of an admitted run and its end, as one boxed future: the caller that
+    /// started the run polls it (see [`Lead`]), or a task of the tracker does.
     #[allow(clippy::too_many_arguments)]
-    fn launch<T, F, Fut>(
+    fn run_future<T, F, Fut>(
         this: &Arc<Inner>,
         rk: RunKey,
-        policy: Arc<JobPolicy>,
+        policy: JobPolicy,
         record: Arc<KeyRecord>,
         id: u64,
         run: Arc<RunHandle>,
         flight: Arc<Flight<T>>,
         f: F,
         prev_ended: Option<Arc<RunHandle>>,
-    ) where
+    ) -> RunFuture
+    where
         T: Send + Sync + 'static,
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
@@ -974,30 +1073,24 @@ impl Inner {
             record,
             flight: Some(flight),
         };
-        this.tracker.spawn(async move {
+        Box::pin(async move {
             if let Some(prev) = prev_ended {
                 prev.wait_ended().await;
             }
             let inner = Arc::clone(&fin.inner);
-            let result = AssertUnwindSafe(Box::pin(inner.pipeline(
-                &fin.rk,
-                &policy,
-                &fin.record,
-                &fin.run,
-                id,
-                &f,
-            )))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|p| {
-                Err(JobError::Panicked {
-                    job: fin.rk.job.clone(),
-                    key: fin.rk.key.clone(),
-                    message: format!("inside the runtime: {}", panic_message(&*p)),
-                })
-            });
+            let result =
+                AssertUnwindSafe(inner.pipeline(&fin.rk, &policy, &fin.record, &fin.run, id, &f))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| {
+                        Err(JobError::Panicked {
+                            job: fin.rk.job.clone(),
+                            key: fin.rk.key.clone(),
+                            message: format!("inside the runtime: {}", panic_message(&*p)),
+                        })
+                    });
             fin.finish(result);
-        });
+        })
     }
 
     async fn lock(

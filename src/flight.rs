@@ -1,9 +1,9 @@
 //! Single-flight: one run per key, its result shared with everyone who asked.
 //!
-//! A [`Flight`] is the shared end of one run. The run itself is a task of its own, so the
-//! caller that started it (the leader) is no more special than its followers: any of them may
-//! give up — drop its future — without cancelling the run for the others, and because the
-//! flight stays registered until the run has ended, giving up never lets a duplicate start.
+//! A [`Flight`] is the shared end of one run. The caller that started the run (the leader)
+//! polls it, but holds no power over it: if the leader gives up — drops its future — the run
+//! moves to a task of its own and goes on for the followers, and because the flight stays
+//! registered until the run has ended, giving up never lets a duplicate start.
 //!
 //! The result is stored once and then broadcast. A waiter registers for the broadcast *before*
 //! looking at the result slot, so a result published between the look and the sleep still
@@ -79,6 +79,9 @@ impl<T> Flight<T> {
 
     /// Waits for the result. Cancel-safe: dropping this future affects nobody else.
     pub async fn wait(&self) -> Shared<T> {
+        if let Some(r) = self.result.get() {
+            return r.clone();
+        }
         loop {
             let notified = self.done.notified();
             tokio::pin!(notified);

@@ -11,7 +11,7 @@
 //! the entry — cannot slip between the waiter's check and its sleep (no lost wake-up).
 
 use std::fmt;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -45,12 +45,12 @@ struct Held {
 /// let g2 = locks.try_acquire("a".to_string()).unwrap();
 /// assert!(g2.token() > first);
 /// ```
-pub struct KeyedLocks<K: Eq + Hash> {
-    map: DashMap<K, Held>,
+pub struct KeyedLocks<K: Eq + Hash, S = RandomState> {
+    map: DashMap<K, Held, S>,
     next: AtomicU64,
 }
 
-impl<K: Eq + Hash> fmt::Debug for KeyedLocks<K> {
+impl<K: Eq + Hash, S: BuildHasher + Clone> fmt::Debug for KeyedLocks<K, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedLocks")
             .field("held", &self.map.len())
@@ -58,9 +58,9 @@ impl<K: Eq + Hash> fmt::Debug for KeyedLocks<K> {
     }
 }
 
-impl<K: Eq + Hash + Clone> Default for KeyedLocks<K> {
+impl<K: Eq + Hash + Clone, S: BuildHasher + Clone + Default> Default for KeyedLocks<K, S> {
     fn default() -> Self {
-        Self::new()
+        Self::with_hasher(S::default())
     }
 }
 
@@ -75,8 +75,15 @@ pub struct LockTimeout {
 impl<K: Eq + Hash + Clone> KeyedLocks<K> {
     /// An empty set of locks.
     pub fn new() -> Self {
+        Self::with_hasher(RandomState::new())
+    }
+}
+
+impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
+    /// An empty set of locks whose map hashes keys with `hasher`.
+    pub fn with_hasher(hasher: S) -> Self {
         Self {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(hasher),
             next: AtomicU64::new(1),
         }
     }
@@ -88,7 +95,7 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
 
     /// Takes the lock for `key` if it is free; never waits.
     #[inline]
-    pub fn try_acquire(self: &Arc<Self>, key: K) -> Option<KeyGuard<K>> {
+    pub fn try_acquire(self: &Arc<Self>, key: K) -> Option<KeyGuard<K, S>> {
         match self.map.entry(key) {
             Entry::Occupied(_) => None,
             Entry::Vacant(v) => {
@@ -112,7 +119,7 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
         self: &Arc<Self>,
         key: K,
         wait: Duration,
-    ) -> Result<KeyGuard<K>, LockTimeout> {
+    ) -> Result<KeyGuard<K, S>, LockTimeout> {
         let start = Instant::now();
         let deadline = add_saturating(start, wait);
         loop {
@@ -187,13 +194,13 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
 
 /// A held lock; released on drop.
 #[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct KeyGuard<K: Eq + Hash + Clone> {
-    locks: Arc<KeyedLocks<K>>,
+pub struct KeyGuard<K: Eq + Hash + Clone, S: BuildHasher + Clone = RandomState> {
+    locks: Arc<KeyedLocks<K, S>>,
     key: Option<K>,
     token: FencingToken,
 }
 
-impl<K: Eq + Hash + Clone> KeyGuard<K> {
+impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyGuard<K, S> {
     /// This acquisition's fencing token.
     pub fn token(&self) -> FencingToken {
         self.token
@@ -205,7 +212,7 @@ impl<K: Eq + Hash + Clone> KeyGuard<K> {
     }
 }
 
-impl<K: Eq + Hash + Clone> fmt::Debug for KeyGuard<K> {
+impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> fmt::Debug for KeyGuard<K, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyGuard")
             .field("token", &self.token)
@@ -213,7 +220,7 @@ impl<K: Eq + Hash + Clone> fmt::Debug for KeyGuard<K> {
     }
 }
 
-impl<K: Eq + Hash + Clone> Drop for KeyGuard<K> {
+impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> Drop for KeyGuard<K, S> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             self.locks.release(&key, self.token);

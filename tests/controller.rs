@@ -227,6 +227,57 @@ async fn when_every_caller_gives_up_the_run_still_completes_and_the_next_call_ru
     assert_eq!(ctl.status("j", "k").unwrap().successes, 2);
 }
 
+/// The caller that starts a run polls it in its own task; when a runtime is dropped with that
+/// task (and the run) half-way, the run ends as cancelled, its waiters hear so, and the key is
+/// free for the next runtime: no lock or in-flight entry outlives the runtime.
+#[test]
+fn a_runtime_dropped_mid_run_ends_the_run_as_cancelled_and_frees_the_key() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (bodies, gate) = (Bodies::new(), Gate::new());
+    for flavour in ["current_thread", "multi_thread"] {
+        let rt = match flavour {
+            "current_thread" => tokio::runtime::Builder::new_current_thread(),
+            _ => tokio::runtime::Builder::new_multi_thread(),
+        }
+        .enable_all()
+        .build()
+        .unwrap();
+        let (leader, follower) = rt.block_on(async {
+            let spawn = || {
+                let (ctl, job) = (ctl.clone(), gated_job(&bodies, &gate));
+                tokio::spawn(async move { ctl.run("rt", "k", &JobPolicy::default(), job).await })
+            };
+            let leader = spawn();
+            let before = bodies.started();
+            wait_until("the run started", secs(10), || bodies.started() > before).await;
+            let follower = spawn();
+            wait_until("the follower joined", secs(10), || {
+                ctl.status("rt", "k").is_some_and(|s| s.coalesced >= 1)
+            })
+            .await;
+            (leader, follower)
+        });
+        drop(rt);
+        for h in [leader, follower] {
+            assert!(h.is_finished(), "{flavour}: the runtime dropped its tasks");
+        }
+        assert_idle_maps(&ctl);
+        assert_eq!(bodies.current(), 0, "{flavour}: the body was dropped");
+        let st = ctl.status("rt", "k").unwrap();
+        assert_eq!(st.state, RunState::Idle, "{flavour}");
+        assert_eq!(st.last_error_kind, Some("cancelled"), "{flavour}");
+    }
+    // The key is free for a run on a new runtime.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    gate.open();
+    let v = rt
+        .block_on(ctl.run("rt", "k", &JobPolicy::default(), gated_job(&bodies, &gate)))
+        .unwrap();
+    assert_eq!(*v, 3);
+    let st = ctl.status("rt", "k").unwrap();
+    assert_eq!((st.runs, st.successes, st.failures), (3, 1, 2));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Panics
 // ---------------------------------------------------------------------------------------------
@@ -314,12 +365,31 @@ async fn a_closure_that_panics_before_returning_a_future_is_a_failed_run() {
             panic!("closure exploded synchronously")
         }
     };
-    let policy = JobPolicy::default();
-    let (a, b) = tokio::join!(
-        ctl.run("sync", "k", &policy, job.clone()),
-        ctl.run("sync", "k", &policy, job.clone()),
-    );
-    for r in [a, b] {
+    // The closure panics in its first poll, so two callers can only share its run if they
+    // wait for it together: both queue behind a run already in flight (overlap QueueOne), and
+    // the queued run — started from the task of the run before it — is the panicking one.
+    let policy = JobPolicy::builder()
+        .overlap(Overlap::QueueOne)
+        .build()
+        .unwrap();
+    let (bodies, gate) = (Bodies::new(), Gate::new());
+    let first = tokio::spawn({
+        let (ctl, policy, job) = (ctl.clone(), policy.clone(), gated_job(&bodies, &gate));
+        async move { ctl.run("sync", "k", &policy, job).await }
+    });
+    yield_until("the first run started", 100, || bodies.started() == 1).await;
+    let queued = || {
+        let (ctl, policy, job) = (ctl.clone(), policy.clone(), job.clone());
+        tokio::spawn(async move { ctl.run("sync", "k", &policy, job).await })
+    };
+    let (a, b) = (queued(), queued());
+    yield_until("both callers queued", 100, || {
+        ctl.status("sync", "k").is_some_and(|s| s.coalesced == 2)
+    })
+    .await;
+    gate.open();
+    assert_eq!(*first.await.unwrap().unwrap(), 1);
+    for r in [a.await.unwrap(), b.await.unwrap()] {
         let err = r.unwrap_err();
         assert!(
             matches!(&err, JobError::Panicked { message, .. } if message.contains("closure exploded synchronously")),
@@ -349,7 +419,7 @@ async fn a_closure_that_panics_before_returning_a_future_is_a_failed_run() {
         .unwrap();
     assert_eq!(*v, 7);
     let st = ctl.status("sync", "k").unwrap();
-    assert_eq!((st.runs, st.successes, st.failures), (3, 1, 2));
+    assert_eq!((st.runs, st.successes, st.failures), (4, 2, 2));
 }
 
 // ---------------------------------------------------------------------------------------------
