@@ -49,7 +49,7 @@ use crate::coord::{Acquire, Coordinator, Lease};
 use crate::error::{CancelReason, Decision, JobError, RunError};
 use crate::flight::{Flight, Shared};
 use crate::job::{Job, JobContext, JobPolicy, Overlap};
-use crate::limit::{Gate, LimitError, Limits};
+use crate::limit::{Gate, LimitError, Limits, Permits};
 use crate::lock::{FencingToken, KeyGuard, KeyedLocks};
 use crate::time::{Clock, Instant, add_saturating, serde_fmt};
 
@@ -505,16 +505,12 @@ impl JobRuntimeController {
 
     fn build(config: RuntimeConfig, coord: Option<Arc<dyn Coordinator>>, clock: Clock) -> Self {
         let global = Gate::new(config.max_concurrency.map(|n| n.get()), config.rate_limit);
-        let groups = config
-            .groups
-            .iter()
-            .map(|(name, g)| {
-                (
-                    Arc::from(name.as_str()),
-                    Gate::new(g.concurrency.map(|n| n.get()), g.rate),
-                )
-            })
-            .collect();
+        let groups = config.groups.iter().map(|(name, g)| {
+            (
+                Arc::<str>::from(name.as_str()),
+                Gate::new(g.concurrency.map(|n| n.get()), g.rate),
+            )
+        });
         Self {
             inner: Arc::new(Inner {
                 limits: Limits::new(global, groups),
@@ -1319,6 +1315,9 @@ impl Inner {
             key: rk.key.clone(),
             reason: run.reason(),
         };
+        let Some(scope) = self.limits.scope(policy.group.as_deref()) else {
+            return Err(self.unknown_group(rk, policy.group.as_deref().unwrap_or_default()));
+        };
         let max = policy.retry.max_attempts.get();
         let mut backoff = policy.retry.backoff(id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut last: Option<JobError> = None;
@@ -1335,21 +1334,25 @@ impl Inner {
             if deadline.expired(Instant::now()) {
                 return Err(budget_exceeded(last));
             }
-            // No limit to wait for (the common case): skip registering on the run's token.
-            let permits = match self.limits.open(policy.group.as_deref()) {
-                Some(p) => p,
-                None => tokio::select! {
-                    biased;
-                    _ = run.token.cancelled() => return Err(cancelled()),
-                    p = self.limits.acquire(policy.group.as_deref(), deadline.at()) => p,
-                },
+            let permits = if scope.is_open() {
+                Ok(Permits::default())
+            } else {
+                // Permits and tokens are usually there at once: only a wait needs to watch the
+                // run's token (registering on it costs a lock and a waiter).
+                let acquire = scope.acquire(deadline.at());
+                tokio::pin!(acquire);
+                match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
+                    Poll::Ready(p) => p,
+                    Poll::Pending => tokio::select! {
+                        biased;
+                        _ = run.token.cancelled() => return Err(cancelled()),
+                        p = &mut acquire => p,
+                    },
+                }
             };
             let permits = match permits {
                 Ok(p) => p,
                 Err(LimitError::Deadline) => return Err(budget_exceeded(last)),
-                Err(LimitError::UnknownGroup) => {
-                    return Err(self.unknown_group(rk, policy.group.as_deref().unwrap_or_default()));
-                }
             };
             let bound = deadline.for_attempt(Instant::now(), policy.attempt_timeout);
             // An attempt needs a token of its own only when a deadline may cancel it alone;

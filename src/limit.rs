@@ -14,7 +14,6 @@
 //! says, through the tokio timer. With a quota of `n` per period `p` and burst `b`, at most
 //! `b + w·n/p` attempts start in any window of length `w`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -191,6 +190,9 @@ impl Gate {
         let Some(rate) = &self.rate else {
             return Ok(Duration::ZERO);
         };
+        if rate.check().is_ok() {
+            return Ok(Duration::ZERO);
+        }
         let start = Instant::now();
         loop {
             match rate.check() {
@@ -224,54 +226,28 @@ pub(crate) struct Permits {
 #[derive(Debug, Default)]
 pub(crate) struct Limits {
     global: Gate,
-    groups: HashMap<Arc<str>, Gate>,
+    /// Sorted by name: a lookup is a binary search, cheaper than hashing the name for the few
+    /// groups a service defines.
+    groups: Vec<(Arc<str>, Gate)>,
 }
 
-/// Why permits were not obtained.
-#[derive(Debug)]
-pub(crate) enum LimitError {
-    Deadline,
-    UnknownGroup,
+/// The gates of one job's attempts: the global one and its group's, if any.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    global: &'a Gate,
+    group: Option<&'a Gate>,
 }
 
-impl Limits {
-    pub(crate) fn new(global: Gate, groups: HashMap<Arc<str>, Gate>) -> Self {
-        Self { global, groups }
-    }
-
-    /// Permits at once when neither the global scope nor `group` limits anything; `None` when
-    /// `acquire` has something to take (or the group is unknown: `acquire` reports it).
-    pub(crate) fn open(&self, group: Option<&str>) -> Option<Result<Permits, LimitError>> {
-        let group_open = match group {
-            Some(g) => self.groups.get(g).is_some_and(Gate::is_open),
-            None => true,
-        };
-        (group_open && self.global.is_open()).then(|| Ok(Permits::default()))
-    }
-
-    pub(crate) fn has_group(&self, name: &str) -> bool {
-        self.groups.contains_key(name)
-    }
-
-    pub(crate) fn group_names(&self) -> impl Iterator<Item = &str> {
-        self.groups.keys().map(|k| &**k)
+impl Scope<'_> {
+    /// `true` when neither gate limits anything: an attempt takes nothing.
+    pub(crate) fn is_open(&self) -> bool {
+        self.global.is_open() && self.group.is_none_or(Gate::is_open)
     }
 
     /// Takes the permits and tokens for one attempt, waiting until `deadline` at most.
-    pub(crate) async fn acquire(
-        &self,
-        group: Option<&str>,
-        deadline: Option<Instant>,
-    ) -> Result<Permits, LimitError> {
-        let group = match group {
-            Some(g) => Some(self.groups.get(g).ok_or(LimitError::UnknownGroup)?),
-            None => None,
-        };
-        if self.global.is_open() && group.is_none_or(Gate::is_open) {
-            return Ok(Permits::default());
-        }
+    pub(crate) async fn acquire(&self, deadline: Option<Instant>) -> Result<Permits, LimitError> {
         let mut permits = Permits::default();
-        if let Some(g) = group {
+        if let Some(g) = self.group {
             permits._group = g.permit(deadline).await.map_err(|_| LimitError::Deadline)?;
         }
         permits._global = self
@@ -279,7 +255,7 @@ impl Limits {
             .permit(deadline)
             .await
             .map_err(|_| LimitError::Deadline)?;
-        if let Some(g) = group {
+        if let Some(g) = self.group {
             permits.rate_waited += g.token(deadline).await.map_err(|_| LimitError::Deadline)?;
         }
         permits.rate_waited += self
@@ -289,11 +265,53 @@ impl Limits {
             .map_err(|_| LimitError::Deadline)?;
         Ok(permits)
     }
+}
+
+/// Why permits were not obtained.
+#[derive(Debug)]
+pub(crate) enum LimitError {
+    Deadline,
+}
+
+impl Limits {
+    pub(crate) fn new(global: Gate, groups: impl IntoIterator<Item = (Arc<str>, Gate)>) -> Self {
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        Self { global, groups }
+    }
+
+    fn group(&self, name: &str) -> Option<&Gate> {
+        self.groups
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|i| &self.groups[i].1)
+    }
+
+    /// The gates an attempt of a job in `group` goes through, looked up once per run; `None`
+    /// for a group that is not configured.
+    pub(crate) fn scope(&self, group: Option<&str>) -> Option<Scope<'_>> {
+        let group = match group {
+            Some(g) => Some(self.group(g)?),
+            None => None,
+        };
+        Some(Scope {
+            global: &self.global,
+            group,
+        })
+    }
+
+    pub(crate) fn has_group(&self, name: &str) -> bool {
+        self.group(name).is_some()
+    }
+
+    pub(crate) fn group_names(&self) -> impl Iterator<Item = &str> {
+        self.groups.iter().map(|(k, _)| &**k)
+    }
 
     /// Free permits of the global limit and each group (for tests and status).
     pub(crate) fn available(&self, group: Option<&str>) -> Option<usize> {
         let gate = match group {
-            Some(g) => self.groups.get(g)?,
+            Some(g) => self.group(g)?,
             None => &self.global,
         };
         gate.sem.as_ref().map(|s| s.available_permits())
