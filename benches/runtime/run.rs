@@ -1,4 +1,4 @@
-//! Target 2: one run of a trivial job, end to end (admission, lock, attempt in its own task,
+//! Target 2: one run of a trivial job, end to end (admission, lock, attempt polled by the caller,
 //! outcome, shared result), vs `tokio::spawn(async { .. }).await` on the same runtime flavour.
 //!
 //! Each loop runs inside a task of the runtime, so the job's task is spawned from a worker, as
