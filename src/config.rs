@@ -150,6 +150,9 @@ pub struct RuntimeConfig {
     /// `JOBRT_STATUS_RETENTION`: an idle key's status is kept until the later of its cooldown's
     /// end and its last run's end plus this.
     pub status_retention: Duration,
+    /// `JOBRT_SNAPSHOT_DIR`: where snapshot stores keep their files unless a store sets its
+    /// own directory (`None`: the platform's data directory, `<data dir>/job-runtime`).
+    pub snapshot_dir: Option<std::path::PathBuf>,
     /// Unknown `JOBRT_*` variables found while reading (each also logged as a warning).
     pub warnings: Vec<String>,
 }
@@ -229,6 +232,18 @@ impl RuntimeConfig {
                 self.status_retention = parse_duration(name, value)?;
                 return Ok(());
             }
+            "SNAPSHOT_DIR" => {
+                if value.trim().is_empty() {
+                    return Err(problem(
+                        name,
+                        value,
+                        "the directory is empty",
+                        "a directory path (created if missing)",
+                    ));
+                }
+                self.snapshot_dir = Some(value.into());
+                return Ok(());
+            }
             _ => {}
         }
         if let Some(g) = rest.strip_prefix("GROUP_") {
@@ -301,6 +316,13 @@ impl RuntimeConfig {
                 check(&format!("JOB_{job}_"), o, &self.defaults);
             }
         }
+    }
+
+    /// Sets the directory snapshot stores keep their files in (unless a store sets its own).
+    #[must_use]
+    pub fn snapshot_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.snapshot_dir = Some(dir.into());
+        self
     }
 
     /// Adds (or replaces) a named concurrency group.

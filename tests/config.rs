@@ -1305,6 +1305,30 @@ async fn status_retention_variable() {
     assert_eq!(ctl.housekeep(), 1);
 }
 
+/// `JOBRT_SNAPSHOT_DIR` sets where snapshot stores keep their files; an empty value is an error
+/// naming the variable and what is accepted.
+#[test]
+fn snapshot_dir_is_read_and_an_empty_one_refused() {
+    let c =
+        RuntimeConfig::from_env_with([("JOBRT_SNAPSHOT_DIR", "/var/lib/svc/snapshots")]).unwrap();
+    assert_eq!(
+        c.snapshot_dir.as_deref(),
+        Some(std::path::Path::new("/var/lib/svc/snapshots"))
+    );
+    assert_eq!(
+        RuntimeConfig::from_env_with(Vec::<(String, String)>::new())
+            .unwrap()
+            .snapshot_dir,
+        None
+    );
+    let err = RuntimeConfig::from_env_with([("JOBRT_SNAPSHOT_DIR", "  ")]).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("JOBRT_SNAPSHOT_DIR") && msg.contains("directory path"),
+        "{msg}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // docs/configuration.md matches the code.
 
@@ -1345,6 +1369,7 @@ fn docs_tables_list_exactly_the_variables_the_code_reads() {
             "JOBRT_MAX_CONCURRENCY",
             "JOBRT_RATE_LIMIT",
             "JOBRT_STATUS_RETENTION",
+            "JOBRT_SNAPSHOT_DIR",
             "JOBRT_GROUP_DOCS_CONCURRENCY",
             "JOBRT_GROUP_DOCS_RATE_LIMIT",
         ]
