@@ -658,6 +658,14 @@ impl JobRuntimeController {
         self.inner.housekeep()
     }
 
+    /// Spawns `fut` on the controller's `TaskTracker`, so `shutdown` waits for it.
+    pub(crate) fn spawn_tracked<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tracker.spawn(fut);
+    }
+
     /// Free permits of the global limit (`None`) or a group; `None` if that scope has no
     /// concurrency limit.
     pub fn available_permits(&self, group: Option<&str>) -> Option<usize> {

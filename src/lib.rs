@@ -42,6 +42,8 @@ pub mod job;
 pub mod limit;
 pub mod lock;
 pub mod retry;
+pub mod scan;
+pub mod snapshot;
 pub mod time;
 
 pub use config::RuntimeConfig;
