@@ -12,6 +12,7 @@
 //! | `run`      | `run/current_thread`, `run/multi_thread` | `ctl.run` of a trivial job vs `tokio::spawn` + join |
 //! | `coalesce` | `coalesce/1000_callers`, `coalesce/single_call` | 1,000 callers on 1 ms of work vs hand-rolled `Shared`, async_singleflight, moka |
 //! | `scaling`  | `scaling`                     | runs/s on distinct keys from 1 vs 2 threads             |
+//! | `snapshot` | `snapshot/get`, `snapshot/refresh_100k_items`, `snapshot/load_10mb` | fresh/stale `get()` vs ArcSwap and moka; incremental vs full rescan; loading a 10 MB file vs `serde_json::from_slice` |
 
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ mod lock;
 mod run;
 #[path = "runtime/scaling.rs"]
 mod scaling;
+#[path = "runtime/snapshot.rs"]
+mod snapshot;
 #[path = "runtime/support.rs"]
 mod support;
 
@@ -41,6 +44,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = idle::report, lock::bench, run::bench, coalesce::bench, scaling::bench
+    targets = idle::report, lock::bench, run::bench, coalesce::bench, scaling::bench, snapshot::bench
 }
 criterion_main!(benches);
