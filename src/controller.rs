@@ -658,6 +658,11 @@ impl JobRuntimeController {
         self.inner.housekeep()
     }
 
+    /// `true` once `shutdown` has begun (new runs are refused).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.inner.closing.is_cancelled()
+    }
+
     /// Spawns `fut` on the controller's `TaskTracker`, so `shutdown` waits for it.
     pub(crate) fn spawn_tracked<F>(&self, fut: F)
     where

@@ -341,6 +341,11 @@ async fn a_scan_cut_by_its_budget_or_by_shutdown_leaves_the_last_value_and_says_
     );
     assert_eq!(store.status().state, ScanState::Interrupted);
     assert_eq!(*store.peek().unwrap().data, 1);
+    // After shutdown a stale read still answers, and starts nothing.
+    let s = store.get().await.unwrap();
+    assert_eq!((*s.data, s.is_stale), (1, true));
+    assert!(!store.is_refreshing());
+    assert_eq!(store.status().state, ScanState::Interrupted);
 }
 
 #[tokio::test(start_paused = true)]

@@ -726,7 +726,8 @@ where
 
     fn refresh_in_background(&self) {
         let inner = &self.inner;
-        if inner.refreshing.swap(true, Ordering::AcqRel) {
+        // After shutdown began a refresh would only be refused; readers keep the value.
+        if inner.ctl.is_closing() || inner.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
         let guard = Refreshing(Arc::clone(inner));
