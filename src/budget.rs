@@ -40,6 +40,8 @@ pub enum Limit {
     Budget,
     /// The attempt timeout.
     Attempt,
+    /// The heartbeat timeout: the job went silent (stuck).
+    Heartbeat,
 }
 
 impl Deadline {
@@ -97,7 +99,8 @@ pub enum AttemptEnd<R> {
     Cancelled,
 }
 
-/// Runs `fut` until it finishes, `deadline` passes, or `cancel` fires.
+/// Runs `fut` until it finishes, `deadline` passes, `stuck` resolves (the job went silent),
+/// or `outer` fires.
 ///
 /// At the deadline `token` (the attempt's token) is cancelled and the job gets `grace` to
 /// notice; then its future is dropped. On outside cancellation the same grace applies, and the
@@ -105,11 +108,18 @@ pub enum AttemptEnd<R> {
 pub async fn run_bounded<F: Future>(
     fut: F,
     deadline: Option<(Instant, Limit)>,
+    stuck: Option<impl Future<Output = ()>>,
     token: &CancellationToken,
     outer: &CancellationToken,
     grace: Duration,
 ) -> AttemptEnd<F::Output> {
     tokio::pin!(fut);
+    let stuck = async move {
+        match stuck {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+    };
     let limit = tokio::select! {
         biased;
         // A job that returns as soon as it sees an outside cancellation was still cancelled,
@@ -123,6 +133,7 @@ pub async fn run_bounded<F: Future>(
         }
         _ = outer.cancelled() => None,
         _ = sleep_until_opt(deadline.map(|d| d.0)) => deadline.map(|d| d.1),
+        _ = stuck => Some(Limit::Heartbeat),
     };
     token.cancel();
     let grace_end = add_saturating(Instant::now(), grace);

@@ -50,6 +50,8 @@ pub struct PolicyOverrides {
     pub retry_jitter: Option<Jitter>,
     /// `LOCK_WAIT`.
     pub lock_wait: Option<Duration>,
+    /// `HEARTBEAT_TIMEOUT` (0: off).
+    pub heartbeat_timeout: Option<Duration>,
     /// `GROUP` (normalized).
     pub group: Option<String>,
 }
@@ -93,6 +95,9 @@ impl PolicyOverrides {
         }
         if let Some(v) = self.retry_jitter {
             p.retry.jitter = v;
+        }
+        if let Some(v) = self.heartbeat_timeout {
+            p.heartbeat_timeout = (!v.is_zero()).then_some(v);
         }
         if let Some(v) = self.lock_wait {
             p.lock_wait = v;
@@ -162,6 +167,7 @@ const DURATION_FORM: &str = "a duration like `250ms`, `30s`, `5m`, `1h 30m` or `
 /// The policy fields and their variable suffixes, longest first so `FAILURE_COOLDOWN` is
 /// matched before `COOLDOWN`.
 const POLICY_FIELDS: &[&str] = &[
+    "HEARTBEAT_TIMEOUT",
     "FAILURE_COOLDOWN",
     "RETRY_BASE_DELAY",
     "RETRY_MAX_DELAY",
@@ -430,6 +436,7 @@ fn read_policy_field(
             })?)
         }
         "LOCK_WAIT" => o.lock_wait = Some(parse_duration(name, value)?),
+        "HEARTBEAT_TIMEOUT" => o.heartbeat_timeout = Some(parse_duration(name, value)?),
         "GROUP" => {
             let v = value.trim();
             if v.is_empty() {

@@ -145,6 +145,9 @@ pub enum RunState {
     Idle,
     /// A run is in flight.
     Running,
+    /// A run is in flight but went silent past its heartbeat timeout: it has been told to stop
+    /// and is ending as `Stuck`.
+    Stuck,
     /// The last run ended and the cooldown has not passed.
     CoolingDown,
 }
@@ -227,6 +230,11 @@ struct KeyData {
     last_heartbeat: Option<SystemTime>,
     heartbeat_details: Option<String>,
     fencing: Option<FencingToken>,
+    /// The attempt's last sign of life (its start, a heartbeat or a progress report), for
+    /// the heartbeat timeout.
+    last_beat: Option<Instant>,
+    /// Set when the heartbeat timeout fired, with how long the job had been silent.
+    stuck_for: Option<Duration>,
 }
 
 /// Per-key state: status counters and the cooldown clock. Lives while the key is running,
@@ -261,6 +269,7 @@ impl KeyRecord {
     pub(crate) fn heartbeat(&self, at: SystemTime, details: Option<&str>) {
         let mut d = self.data();
         d.last_heartbeat = Some(at);
+        d.last_beat = Some(Instant::now());
         if let Some(s) = details {
             d.heartbeat_details = Some(s.to_string());
         }
@@ -277,7 +286,9 @@ impl KeyRecord {
         KeyStatus {
             job: rk.job.to_string(),
             key: rk.key.to_string(),
-            state: if d.running {
+            state: if d.running && d.stuck_for.is_some() {
+                RunState::Stuck
+            } else if d.running {
                 RunState::Running
             } else if cooldown_remaining.is_some() {
                 RunState::CoolingDown
@@ -907,6 +918,21 @@ fn downcast<T: Send + Sync + 'static>(
         })
 }
 
+/// Resolves once the attempt has been silent for `timeout`: no heartbeat or progress report
+/// since the last one (or since its start). Records how long it was silent.
+async fn watchdog(record: &KeyRecord, timeout: Duration) {
+    loop {
+        let last = record.data().last_beat.unwrap_or_else(Instant::now);
+        let due = add_saturating(last, timeout);
+        let now = Instant::now();
+        if now >= due {
+            record.data().stuck_for = Some(now - last);
+            return;
+        }
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 fn panic_message(p: &(dyn Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
@@ -1282,6 +1308,7 @@ impl Inner {
     ) {
         let mut d = record.data();
         d.running = false;
+        d.stuck_for = None;
         d.last_duration = Some(ended - started);
         let success = result.is_ok();
         let span = cooldown.span(success);
@@ -1385,12 +1412,19 @@ impl Inner {
                 record: Arc::clone(record),
                 clock: self.clock.clone(),
             };
+            if policy.heartbeat_timeout.is_some() {
+                let mut d = record.data();
+                d.last_beat = Some(Instant::now());
+                d.stuck_for = None;
+            }
+            let stuck = policy.heartbeat_timeout.map(|t| watchdog(record, t));
             let end = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
                 Err(p) => AttemptEnd::Done(Err(p)),
                 Ok(fut) => {
                     run_bounded(
                         AssertUnwindSafe(fut).catch_unwind(),
                         bound,
+                        stuck,
                         &token,
                         &run.token,
                         policy.abandon_grace,
@@ -1419,6 +1453,18 @@ impl Inner {
                 }
                 AttemptEnd::TimedOut(Limit::Budget) | AttemptEnd::Abandoned(Limit::Budget) => {
                     return Err(budget_exceeded(last));
+                }
+                AttemptEnd::TimedOut(Limit::Heartbeat)
+                | AttemptEnd::Abandoned(Limit::Heartbeat) => {
+                    let timeout = policy.heartbeat_timeout.unwrap_or_default();
+                    let silent_for = record.data().stuck_for.unwrap_or(timeout);
+                    return Err(JobError::Stuck {
+                        job: rk.job.clone(),
+                        key: rk.key.clone(),
+                        attempt,
+                        silent_for,
+                        timeout,
+                    });
                 }
                 AttemptEnd::TimedOut(Limit::Attempt) | AttemptEnd::Abandoned(Limit::Attempt) => {
                     let timeout = policy.attempt_timeout.unwrap_or_default();

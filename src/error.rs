@@ -82,6 +82,23 @@ pub enum JobError {
         /// The attempt timeout.
         timeout: Duration,
     },
+    /// The job sent no heartbeat (nor progress) for its policy's heartbeat timeout: it was
+    /// counted as stuck, its token cancelled, and the run ended without a retry.
+    #[error(
+        "job `{job}` key `{key}` is stuck: no heartbeat for {silent_for:?} (heartbeat timeout {timeout:?}) in attempt {attempt}; call ctx.heartbeat() or ctx.progress() more often, or raise the heartbeat timeout"
+    )]
+    Stuck {
+        /// Job name.
+        job: Arc<str>,
+        /// Key.
+        key: Arc<str>,
+        /// Attempt number, from 1.
+        attempt: u32,
+        /// Time since the last heartbeat (or the attempt's start).
+        silent_for: Duration,
+        /// The heartbeat timeout.
+        timeout: Duration,
+    },
     /// Every attempt failed.
     #[error("job `{job}` key `{key}` failed after {attempts} attempts; last error: {last}")]
     RetriesExhausted {
@@ -189,6 +206,7 @@ impl JobError {
             | JobError::LockTimeout { job, .. }
             | JobError::BudgetExceeded { job, .. }
             | JobError::AttemptTimeout { job, .. }
+            | JobError::Stuck { job, .. }
             | JobError::RetriesExhausted { job, .. }
             | JobError::Cancelled { job, .. }
             | JobError::Panicked { job, .. }
@@ -206,6 +224,7 @@ impl JobError {
             | JobError::LockTimeout { key, .. }
             | JobError::BudgetExceeded { key, .. }
             | JobError::AttemptTimeout { key, .. }
+            | JobError::Stuck { key, .. }
             | JobError::RetriesExhausted { key, .. }
             | JobError::Cancelled { key, .. }
             | JobError::Panicked { key, .. }
@@ -232,6 +251,7 @@ impl JobError {
             JobError::LockTimeout { .. } => "lock_timeout",
             JobError::BudgetExceeded { .. } => "budget_exceeded",
             JobError::AttemptTimeout { .. } => "attempt_timeout",
+            JobError::Stuck { .. } => "stuck",
             JobError::RetriesExhausted { .. } => "retries_exhausted",
             JobError::Cancelled { .. } => "cancelled",
             JobError::Panicked { .. } => "panicked",

@@ -79,6 +79,7 @@ pub struct JobPolicy {
     pub(crate) group: Option<Arc<str>>,
     pub(crate) lock_wait: Duration,
     pub(crate) lease: Duration,
+    pub(crate) heartbeat_timeout: Option<Duration>,
 }
 
 impl Default for JobPolicy {
@@ -93,6 +94,7 @@ impl Default for JobPolicy {
             group: None,
             lock_wait: Duration::ZERO,
             lease: Duration::from_secs(30),
+            heartbeat_timeout: None,
         }
     }
 }
@@ -241,6 +243,14 @@ impl JobPolicyBuilder {
     /// How long a run waits for a key held outside this controller (0: `Busy` at once).
     pub fn lock_wait(mut self, d: Duration) -> Self {
         self.policy.lock_wait = d;
+        self
+    }
+    /// Counts an attempt as stuck when it reports no heartbeat or progress
+    /// ([`JobContext::heartbeat`], [`JobContext::progress`]) for `d`: its token is cancelled,
+    /// it gets the abandon grace to stop, and the run fails with `JobError::Stuck` (no retry:
+    /// a job that hung once is likely to hang again). Off by default; zero turns it off.
+    pub fn heartbeat_timeout(mut self, d: Duration) -> Self {
+        self.policy.heartbeat_timeout = (!d.is_zero()).then_some(d);
         self
     }
     /// Lease length on a replicated backend; renewed at a third of it.

@@ -42,7 +42,7 @@ fn cfg_err(vars: &[(&str, &str)]) -> ConfigError {
 }
 
 /// The policy fields, each readable as `JOBRT_<FIELD>` and `JOBRT_JOB_<NAME>_<FIELD>`.
-const POLICY_FIELDS: [&str; 12] = [
+const POLICY_FIELDS: [&str; 13] = [
     "OVERLAP",
     "COOLDOWN",
     "FAILURE_COOLDOWN",
@@ -54,6 +54,7 @@ const POLICY_FIELDS: [&str; 12] = [
     "RETRY_MAX_DELAY",
     "RETRY_JITTER",
     "LOCK_WAIT",
+    "HEARTBEAT_TIMEOUT",
     "GROUP",
 ];
 

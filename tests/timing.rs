@@ -13,8 +13,8 @@ use futures::future::join_all;
 use job_runtime::error::CancelReason;
 use job_runtime::time::Instant;
 use job_runtime::{
-    Decision, Jitter, JobError, JobPolicy, JobRuntimeController, RateLimit, RetryPolicy, RunError,
-    RuntimeConfig,
+    Decision, Jitter, JobContext, JobError, JobPolicy, JobRuntimeController, RateLimit,
+    RetryPolicy, RunError, RunState, RuntimeConfig,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -1060,4 +1060,118 @@ async fn shutdown_while_waiting_for_a_token() {
             ..
         })
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Heartbeats: a silent job is stuck
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_job_that_keeps_beating_is_never_stuck() {
+    let ctl = controller();
+    let policy = JobPolicy::builder()
+        .heartbeat_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let v = ctl
+        .run("beat", "k", &policy, |ctx| async move {
+            for i in 0..10 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if i % 2 == 0 {
+                    ctx.heartbeat(Some("alive"));
+                } else {
+                    ctx.progress(i, 10);
+                }
+            }
+            Ok::<_, RunError>(7)
+        })
+        .await
+        .unwrap();
+    assert_eq!(*v, 7);
+    assert_eq!(start.elapsed(), Duration::from_secs(20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_job_is_stuck_its_token_fires_and_the_run_fails_without_retry() {
+    let ctl = controller();
+    let policy = JobPolicy::builder()
+        .heartbeat_timeout(Duration::from_secs(3))
+        .max_attempts(3)
+        .abandon_grace(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    // Beats twice, then hangs ignoring its token: stuck 3 s after the last beat (t = 5 s),
+    // abandoned 1 s later.
+    let job = {
+        let attempts = Arc::clone(&attempts);
+        move |ctx: JobContext| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                ctx.heartbeat(None);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                ctx.heartbeat(Some("last words"));
+                std::future::pending::<()>().await;
+                Ok::<u32, RunError>(0)
+            }
+        }
+    };
+    let start = Instant::now();
+    let run = tokio::spawn({
+        let (ctl, policy) = (ctl.clone(), policy.clone());
+        async move { ctl.run("hang", "k", &policy, job).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let st = ctl.status("hang", "k").unwrap();
+    assert_eq!(st.state, RunState::Stuck, "{st:?}");
+    assert_eq!(st.heartbeat_details.as_deref(), Some("last words"));
+    let err = run.await.unwrap().unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(6));
+    match err.clone() {
+        JobError::Stuck {
+            attempt,
+            silent_for,
+            timeout,
+            ..
+        } => {
+            assert_eq!(
+                (attempt, silent_for, timeout),
+                (1, Duration::from_secs(3), Duration::from_secs(3))
+            );
+        }
+        other => panic!("expected Stuck, got {other:?}"),
+    }
+    assert!(err.to_string().contains("no heartbeat for 3s"), "{err}");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1,
+        "a stuck run is not retried"
+    );
+    let st = ctl.status("hang", "k").unwrap();
+    assert_eq!(
+        (st.state, st.last_error_kind),
+        (RunState::Idle, Some("stuck"))
+    );
+    assert!(ctl.try_acquire("hang", "k").is_some(), "the lock is free");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_job_that_heeds_its_token_ends_at_the_timeout() {
+    let ctl = controller();
+    let policy = JobPolicy::builder()
+        .heartbeat_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let err = ctl
+        .run("heed", "k", &policy, |ctx| async move {
+            ctx.cancelled().await;
+            Err::<u32, _>(RunError::msg("stopped"))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "stuck");
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
 }
