@@ -48,6 +48,7 @@ use crate::cooldown::{self, Cooldown};
 use crate::coord::{Acquire, Coordinator, Lease};
 use crate::error::{CancelReason, Decision, JobError, RunError};
 use crate::flight::{Flight, Shared};
+use crate::hooks::{EventKind, Hooks, JobEvent, Listening};
 use crate::job::{Job, JobContext, JobPolicy, Overlap};
 use crate::limit::{Gate, LimitError, Limits, Permits};
 use crate::lock::{FencingToken, KeyGuard, KeyedLocks};
@@ -457,6 +458,7 @@ struct Inner {
     closing: CancellationToken,
     next_run: AtomicU64,
     since_sweep: AtomicU64,
+    hooks: Hooks,
 }
 
 /// The heart of the crate: runs jobs per key through the pipeline (see the module docs).
@@ -536,6 +538,7 @@ impl JobRuntimeController {
                 closing: CancellationToken::new(),
                 next_run: AtomicU64::new(1),
                 since_sweep: AtomicU64::new(0),
+                hooks: Hooks::new(),
             }),
         }
     }
@@ -669,6 +672,18 @@ impl JobRuntimeController {
         self.inner.housekeep()
     }
 
+    /// Calls `f` with every event of every run (started, succeeded, failed, skipped, retried,
+    /// stuck) on a task of its own, through a channel of `capacity` events: a slow or failing
+    /// listener never delays a run; when its channel is full, events are dropped and counted.
+    /// Must be called inside a tokio runtime. See [`crate::hooks`].
+    pub fn listen<F, Fut>(&self, capacity: usize, f: F) -> Listening
+    where
+        F: Fn(JobEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.hooks.listen(capacity, f)
+    }
+
     /// `true` once `shutdown` has begun (new runs are refused).
     pub(crate) fn is_closing(&self) -> bool {
         self.inner.closing.is_cancelled()
@@ -703,6 +718,8 @@ impl JobRuntimeController {
             slot.run.cancel(CancelReason::Shutdown);
         }
         t.wait().await;
+        // Listeners get the events already queued, within the same grace.
+        self.inner.hooks.close(grace).await;
         clean
     }
 
@@ -742,7 +759,7 @@ impl JobRuntimeController {
                 && let Some(remaining) = rec.cooldown_remaining(Instant::now())
             {
                 rec.data().cooldown_rejections += 1;
-                return Err(cooling(&rk, remaining));
+                return Err(inner.skipped(cooling(&rk, remaining)));
             }
             if let Some(c) = &inner.coord {
                 match c.cooldown_remaining(job, key).await {
@@ -751,7 +768,7 @@ impl JobRuntimeController {
                         if let Some(rec) = &existing {
                             rec.data().cooldown_rejections += 1;
                         }
-                        return Err(cooling(&rk, remaining));
+                        return Err(inner.skipped(cooling(&rk, remaining)));
                     }
                     Err(e) => {
                         return Err(JobError::Backend {
@@ -768,10 +785,10 @@ impl JobRuntimeController {
         let (flight, launch) = match inner.flights.entry(rk.clone()) {
             Entry::Occupied(mut o) => match policy.overlap {
                 Overlap::Skip => {
-                    return Err(JobError::Busy {
+                    return Err(inner.skipped(JobError::Busy {
                         job: rk.job,
                         key: rk.key,
-                    });
+                    }));
                 }
                 Overlap::Coalesce => {
                     let slot = o.get();
@@ -831,7 +848,7 @@ impl JobRuntimeController {
                 // set its cooldown before removing its entry.
                 if !force && let Some(remaining) = record.cooldown_remaining(Instant::now()) {
                     record.data().cooldown_rejections += 1;
-                    return Err(cooling(&rk, remaining));
+                    return Err(inner.skipped(cooling(&rk, remaining)));
                 }
                 let flight = Arc::new(Flight::<T>::new());
                 let run = RunHandle::new();
@@ -1070,6 +1087,44 @@ impl HeldLock {
 }
 
 impl Inner {
+    /// Offers an event to the listeners, if there are any.
+    fn event(
+        &self,
+        kind: EventKind,
+        rk: &RunKey,
+        attempt: u32,
+        duration: Option<Duration>,
+        error: Option<JobError>,
+    ) {
+        if self.hooks.active() {
+            self.hooks.emit(JobEvent {
+                kind,
+                job: rk.job.clone(),
+                key: rk.key.clone(),
+                at: self.clock.wall_now(),
+                attempt,
+                duration,
+                error,
+            });
+        }
+    }
+
+    /// A refused call (busy, cooling down): offered to the listeners, then returned.
+    fn skipped(&self, e: JobError) -> JobError {
+        if self.hooks.active() {
+            self.hooks.emit(JobEvent {
+                kind: EventKind::Skipped,
+                job: Arc::from(e.job()),
+                key: Arc::from(e.key()),
+                at: self.clock.wall_now(),
+                attempt: 0,
+                duration: None,
+                error: Some(e.clone()),
+            });
+        }
+        e
+    }
+
     fn unknown_group(&self, rk: &RunKey, group: &str) -> JobError {
         let known: Vec<_> = self.limits.group_names().collect();
         JobError::Misconfigured {
@@ -1278,6 +1333,7 @@ impl Inner {
             d.progress = None;
             d.fencing = Some(held.token());
         }
+        self.event(EventKind::Started, rk, 1, None, None);
         // 4. budget
         let deadline = Deadline::new(started, policy.budget);
         // 5. attempts
@@ -1295,6 +1351,13 @@ impl Inner {
             tracing::warn!(job = %rk.job, key = %rk.key, error = %e, "could not record the cooldown on the backend");
         }
         self.record_outcome(record, policy.cooldown, started, ended, &result);
+        let kind = if result.is_ok() {
+            EventKind::Succeeded
+        } else {
+            EventKind::Failed
+        };
+        let error = result.as_ref().err().cloned();
+        self.event(kind, rk, 0, Some(ended - started), error);
         result
     }
 
@@ -1458,13 +1521,15 @@ impl Inner {
                 | AttemptEnd::Abandoned(Limit::Heartbeat) => {
                     let timeout = policy.heartbeat_timeout.unwrap_or_default();
                     let silent_for = record.data().stuck_for.unwrap_or(timeout);
-                    return Err(JobError::Stuck {
+                    let err = JobError::Stuck {
                         job: rk.job.clone(),
                         key: rk.key.clone(),
                         attempt,
                         silent_for,
                         timeout,
-                    });
+                    };
+                    self.event(EventKind::Stuck, rk, attempt, None, Some(err.clone()));
+                    return Err(err);
                 }
                 AttemptEnd::TimedOut(Limit::Attempt) | AttemptEnd::Abandoned(Limit::Attempt) => {
                     let timeout = policy.attempt_timeout.unwrap_or_default();
@@ -1498,6 +1563,7 @@ impl Inner {
                 return Err(budget_exceeded(Some(err)));
             }
             record.data().retries += 1;
+            self.event(EventKind::Retried, rk, attempt, None, Some(err.clone()));
             tokio::select! {
                 biased;
                 _ = run.token.cancelled() => return Err(cancelled()),

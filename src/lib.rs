@@ -38,6 +38,7 @@ pub mod cooldown;
 pub mod coord;
 pub mod error;
 pub mod flight;
+pub mod hooks;
 pub mod job;
 pub mod limit;
 pub mod lock;
