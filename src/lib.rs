@@ -44,6 +44,7 @@ pub mod limit;
 pub mod lock;
 pub mod retry;
 pub mod scan;
+pub mod schedule;
 pub mod snapshot;
 pub mod time;
 

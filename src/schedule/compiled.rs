@@ -1,0 +1,196 @@
+//! `Schedule`: a validated trigger that answers "when is the next fire after t?".
+
+use std::time::{Duration, SystemTime};
+
+use super::Trigger;
+#[cfg(feature = "cron")]
+use super::cron::CronSchedule;
+use super::error::ScheduleError;
+use super::every::Every;
+use super::nanos::{self, Nanos};
+use super::trigger::{Kind, Misfire};
+
+/// A validated [`Trigger`], anchored at a start time: pure functions of time, no clock.
+///
+/// `start` anchors interval triggers (fire `n` at `start + initial_delay + n · period`, plus
+/// jitter); cron triggers fire at their matching times whatever the start. Cheap to clone.
+///
+/// ```
+/// use job_runtime::schedule::{Schedule, Trigger};
+/// use std::time::{Duration, SystemTime};
+///
+/// let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+/// let s = Schedule::new(&Trigger::every(Duration::from_secs(30)), start).unwrap();
+/// assert_eq!(s.next_after(start), Some(start + Duration::from_secs(30)));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    trigger: Trigger,
+    start: SystemTime,
+    compiled: Compiled,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Compiled {
+    Every(Every),
+    #[cfg(feature = "cron")]
+    Cron(Box<CronSchedule>),
+}
+
+impl Schedule {
+    /// Validates `trigger` and anchors it at `start`.
+    ///
+    /// Errors name the input and what is accepted: a zero period, jitter not shorter than the
+    /// period, an option that does not apply to the kind of trigger, an invalid cron expression
+    /// or one that never fires (30 February: detected here, in a few milliseconds at most), an
+    /// unknown time zone, or `CatchUp { max: 0 }`.
+    pub fn new(trigger: &Trigger, start: SystemTime) -> Result<Self, ScheduleError> {
+        Ok(Self {
+            compiled: Compiled::new(trigger, nanos::from_system(start))?,
+            trigger: trigger.clone(),
+            start,
+        })
+    }
+
+    /// The first fire strictly after `after`, or `None` if the schedule never fires again:
+    /// a cron year field that has run out, a time past what `SystemTime` (or, for cron, the
+    /// year 4999) can hold. Bounded work: O(1) for intervals, one calendar search for cron.
+    pub fn next_after(&self, after: SystemTime) -> Option<SystemTime> {
+        nanos::to_system(self.compiled.next_after(nanos::from_system(after))?)
+    }
+
+    /// The trigger this schedule was built from.
+    pub fn trigger(&self) -> &Trigger {
+        &self.trigger
+    }
+
+    /// The start the schedule is anchored at.
+    pub fn start(&self) -> SystemTime {
+        self.start
+    }
+
+    pub(crate) fn compiled(&self) -> &Compiled {
+        &self.compiled
+    }
+}
+
+impl Compiled {
+    /// Validates `t` and compiles it, anchored at `start` (nanoseconds since the epoch).
+    pub(crate) fn new(t: &Trigger, start: Nanos) -> Result<Self, ScheduleError> {
+        let invalid = |option: &'static str, value: String, problem: &str, expected: &str| {
+            ScheduleError::InvalidOption {
+                option,
+                value,
+                trigger: t.label(),
+                problem: problem.to_owned(),
+                expected: expected.to_owned(),
+            }
+        };
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if let Misfire::CatchUp { max: 0 } = t.misfire {
+            return Err(invalid(
+                "misfire",
+                "CatchUp { max: 0 }".to_owned(),
+                "catching up on no fires is skipping them",
+                "max ≥ 1, or Misfire::Skip",
+            ));
+        }
+        match &t.kind {
+            Kind::Every(period) => {
+                if let Some(zone) = &t.zone {
+                    return Err(invalid(
+                        "time_zone",
+                        format!("{zone:?}"),
+                        "an interval trigger runs on elapsed time, not local time",
+                        "a time zone only on `Trigger::cron`",
+                    ));
+                }
+                if period.is_zero() {
+                    return Err(invalid(
+                        "every",
+                        show(*period),
+                        "the period is zero",
+                        "a period above zero",
+                    ));
+                }
+                let jitter = t.jitter.unwrap_or_default();
+                if jitter >= *period {
+                    return Err(invalid(
+                        "jitter",
+                        show(jitter),
+                        "fires could come out of order",
+                        &format!("a jitter shorter than the period ({})", show(*period)),
+                    ));
+                }
+                let first = start.saturating_add(nanos::of(t.initial_delay.unwrap_or_default()));
+                let seed = t.seed.unwrap_or_else(|| fastrand::u64(..));
+                Ok(Compiled::Every(Every::new(
+                    first,
+                    period.as_nanos(),
+                    jitter.as_nanos(),
+                    seed,
+                )))
+            }
+            #[cfg(feature = "cron")]
+            Kind::Cron(expr) => {
+                for (option, value) in [("initial_delay", t.initial_delay), ("jitter", t.jitter)] {
+                    if let Some(d) = value {
+                        return Err(invalid(
+                            option,
+                            show(d),
+                            "a cron trigger fires at its matching times, with no delay or jitter",
+                            &format!("{option} only on `Trigger::every`"),
+                        ));
+                    }
+                }
+                if let Some(seed) = t.seed {
+                    return Err(invalid(
+                        "seed",
+                        seed.to_string(),
+                        "a cron trigger has no jitter to seed",
+                        "a seed only on `Trigger::every`",
+                    ));
+                }
+                let cron = CronSchedule::new(expr, t.zone.as_deref())?;
+                Ok(Compiled::Cron(Box::new(cron)))
+            }
+        }
+    }
+
+    /// The first fire strictly after `t`.
+    pub(crate) fn next_after(&self, t: Nanos) -> Option<Nanos> {
+        match self {
+            Compiled::Every(e) => e.next_after(t),
+            #[cfg(feature = "cron")]
+            Compiled::Cron(c) => c.next_after(t),
+        }
+    }
+
+    /// How many fires fall in `[from, to]`, counting at most `cap` (bounded work: O(1) for
+    /// intervals, at most `cap` searches for cron).
+    pub(crate) fn count_between(&self, from: Nanos, to: Nanos, cap: u32) -> u32 {
+        match self {
+            Compiled::Every(e) => e.count_between(from, to, cap),
+            #[cfg(feature = "cron")]
+            Compiled::Cron(_) => {
+                let mut n = 0;
+                let mut cursor = from.saturating_sub(1);
+                while n < cap {
+                    match self.next_after(cursor) {
+                        Some(f) if f <= to => {
+                            n += 1;
+                            cursor = f;
+                        }
+                        _ => break,
+                    }
+                }
+                n
+            }
+        }
+    }
+
+    /// Whether the schedule follows elapsed time (intervals) rather than the wall clock.
+    pub(crate) fn is_elapsed_time(&self) -> bool {
+        matches!(self, Compiled::Every(_))
+    }
+}
