@@ -43,6 +43,7 @@ pub mod job;
 pub mod limit;
 pub mod lock;
 pub mod retry;
+pub mod runtime;
 pub mod scan;
 pub mod schedule;
 pub mod snapshot;

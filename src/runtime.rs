@@ -1,0 +1,505 @@
+//! The runtime: plugins registered once, fired on time by their triggers, paused and resumed,
+//! observed, and stopped cleanly.
+//!
+//! Why a layer over the controller: a service wants to say "run `session-scan` every minute and
+//! `cleanup` at 03:00 Berlin time" once, and get the controller's guarantees for every fire.
+//! Triggers fire *into* the controller, so a job's overlap policy, cooldown, budget, retry and
+//! limits all apply: a job still running at its next fire is coalesced, skipped or queued per
+//! its policy, never run twice at once. A fire never waits for its run: the timer loop offers
+//! the run and goes back to sleep, so a slow, panicking or hanging job never delays the loop.
+//!
+//! Each trigger has a timer task (under the runtime's `TaskTracker`) driven by a
+//! [`Planner`]: it sleeps until the next fire on the tokio clock, then asks the planner what to
+//! fire, which applies the trigger's misfire policy and notices wall-clock jumps.
+//!
+//! Shutdown: stop the triggers, then [`JobRuntimeController::shutdown`]: running jobs get
+//! `grace` to finish, then are cancelled (a job ignoring its token is abandoned after its
+//! policy's `abandon_grace`) and waited for; a snapshot refresh cut this way shows as
+//! interrupted in its store's status, and its last good file stays on disk.
+//!
+//! ```
+//! use job_runtime::runtime::Runtime;
+//! use job_runtime::schedule::Trigger;
+//! use job_runtime::{Job, JobContext, JobRuntimeController, RunError, RuntimeConfig};
+//! use std::time::Duration;
+//!
+//! struct Tick;
+//! impl Job for Tick {
+//!     type Output = ();
+//!     fn name(&self) -> &str { "tick" }
+//!     async fn run(&self, _ctx: JobContext) -> Result<(), RunError> { Ok(()) }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let ctl = JobRuntimeController::new(RuntimeConfig::default());
+//! let rt = Runtime::builder(&ctl)
+//!     .job(Tick)
+//!     .trigger("tick", "all", Trigger::every(Duration::from_secs(10)))
+//!     .build()
+//!     .unwrap()
+//!     .start();
+//! tokio::time::sleep(Duration::from_secs(35)).await;
+//! let st = &rt.status()[0];
+//! assert_eq!(st.fires, 4); // at 0, 10, 20 and 30 s
+//! let report = rt.shutdown(Duration::from_secs(5)).await;
+//! assert!(report.clean);
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::controller::{JobRuntimeController, KeyStatus};
+use crate::error::{CancelReason, JobError};
+use crate::job::{Job, JobContext};
+use crate::schedule::{ClockReading, Planner, Schedule, Trigger};
+
+type Fire = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
+
+/// Starts one run of a plugin: (controller, key, forced).
+type Firer = Box<dyn Fn(&JobRuntimeController, &str, bool) -> Fire + Send + Sync>;
+
+/// A registered plugin with its type erased: runs one key, forced or not.
+struct Entry {
+    name: Arc<str>,
+    fire: Firer,
+    paused: AtomicBool,
+}
+
+struct TriggerSpec {
+    job: Arc<str>,
+    key: Arc<str>,
+    trigger: Trigger,
+}
+
+/// Registers plugins and their triggers; [`build`](Self::build) validates them.
+#[must_use]
+pub struct RuntimeBuilder {
+    ctl: JobRuntimeController,
+    jobs: Vec<Entry>,
+    triggers: Vec<TriggerSpec>,
+}
+
+impl fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field(
+                "jobs",
+                &self.jobs.iter().map(|j| &j.name).collect::<Vec<_>>(),
+            )
+            .field("triggers", &self.triggers.len())
+            .finish()
+    }
+}
+
+/// Entry point: `Runtime::builder(&ctl)`.
+#[derive(Debug)]
+pub struct Runtime {
+    ctl: JobRuntimeController,
+    jobs: HashMap<Arc<str>, Arc<Entry>>,
+    triggers: Vec<(TriggerSpec, Schedule)>,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry").field("name", &self.name).finish()
+    }
+}
+
+impl fmt::Debug for TriggerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}: {:?}", self.job, self.key, self.trigger)
+    }
+}
+
+impl Runtime {
+    /// A builder for a runtime firing into `ctl`.
+    pub fn builder(ctl: &JobRuntimeController) -> RuntimeBuilder {
+        RuntimeBuilder {
+            ctl: ctl.clone(),
+            jobs: Vec::new(),
+            triggers: Vec::new(),
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    /// Registers a plugin under its name, with its policy.
+    pub fn job<J: Job>(mut self, job: J) -> Self {
+        let job = Arc::new(job);
+        let name: Arc<str> = Arc::from(job.name());
+        let fire = move |ctl: &JobRuntimeController, key: &str, force: bool| -> Fire {
+            let (ctl, key, j) = (ctl.clone(), key.to_string(), Arc::clone(&job));
+            Box::pin(async move {
+                let policy = j.policy();
+                let body = {
+                    let j = Arc::clone(&j);
+                    move |ctx: JobContext| {
+                        let j = Arc::clone(&j);
+                        async move { j.run(ctx).await }
+                    }
+                };
+                let r = if force {
+                    ctl.run_forced(j.name(), &key, &policy, body).await
+                } else {
+                    ctl.run(j.name(), &key, &policy, body).await
+                };
+                r.map(|_| ())
+            })
+        };
+        self.jobs.push(Entry {
+            name,
+            fire: Box::new(fire),
+            paused: AtomicBool::new(false),
+        });
+        self
+    }
+
+    /// Fires `job` for `key` on `trigger`.
+    pub fn trigger(mut self, job: &str, key: &str, trigger: Trigger) -> Self {
+        self.triggers.push(TriggerSpec {
+            job: Arc::from(job),
+            key: Arc::from(key),
+            trigger,
+        });
+        self
+    }
+
+    /// Checks the registrations: no two jobs with one name, every trigger for a registered
+    /// job, every trigger valid (a bad cron expression or time zone, a zero period, a schedule
+    /// that never fires). The error says which.
+    pub fn build(self) -> Result<Runtime, JobError> {
+        let bad = |job: &str, message: String| JobError::Misconfigured {
+            job: Arc::from(job),
+            message,
+        };
+        let mut jobs = HashMap::new();
+        for e in self.jobs {
+            let name = Arc::clone(&e.name);
+            if jobs.insert(Arc::clone(&name), Arc::new(e)).is_some() {
+                return Err(bad(
+                    &name,
+                    format!("two jobs are registered as `{name}`; job names must be unique"),
+                ));
+            }
+        }
+        let now = self.ctl.clock().wall_now();
+        let mut triggers = Vec::with_capacity(self.triggers.len());
+        for t in self.triggers {
+            if !jobs.contains_key(&t.job) {
+                let mut known: Vec<_> = jobs.keys().map(|k| k.to_string()).collect();
+                known.sort();
+                return Err(bad(
+                    &t.job,
+                    format!(
+                        "a trigger names job `{}`, which is not registered (registered: [{}])",
+                        t.job,
+                        known.join(", ")
+                    ),
+                ));
+            }
+            let schedule = Schedule::new(&t.trigger, now)
+                .map_err(|e| bad(&t.job, format!("trigger for key `{}`: {e}", t.key)))?;
+            if schedule.next_after(now).is_none() {
+                return Err(bad(
+                    &t.job,
+                    format!("trigger for key `{}` never fires", t.key),
+                ));
+            }
+            triggers.push((t, schedule));
+        }
+        Ok(Runtime {
+            ctl: self.ctl,
+            jobs,
+            triggers,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    fires: AtomicU64,
+    misfires: AtomicU64,
+    clock_jumps: AtomicU64,
+}
+
+struct TriggerState {
+    job: Arc<Entry>,
+    key: Arc<str>,
+    trigger: Trigger,
+    next_fire: Mutex<Option<SystemTime>>,
+    counts: Counts,
+}
+
+/// Outcomes of the runs the runtime fired.
+#[derive(Debug, Default)]
+struct Outcomes {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    refused: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+struct Inner {
+    ctl: JobRuntimeController,
+    jobs: HashMap<Arc<str>, Arc<Entry>>,
+    triggers: Vec<Arc<TriggerState>>,
+    stop: CancellationToken,
+    timers: TaskTracker,
+    outcomes: Outcomes,
+}
+
+/// A started runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeHandle")
+            .field("jobs", &self.inner.jobs.len())
+            .field("triggers", &self.inner.triggers.len())
+            .finish()
+    }
+}
+
+/// One trigger's schedule and the status of its key.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct TriggerStatus {
+    /// Job name.
+    pub job: String,
+    /// Key.
+    pub key: String,
+    /// The job is paused: its fires are skipped.
+    pub paused: bool,
+    /// The next fire (wall time; `None`: never again).
+    #[serde(serialize_with = "crate::time::serde_fmt::rfc3339")]
+    pub next_fire: Option<SystemTime>,
+    /// Fires so far (each offered a run to the controller).
+    pub fires: u64,
+    /// Wake-ups that were late past the misfire grace.
+    pub misfires: u64,
+    /// Wall-clock jumps noticed.
+    pub clock_jumps: u64,
+    /// The controller's status of the key, if it has one.
+    pub run: Option<KeyStatus>,
+}
+
+/// What [`RuntimeHandle::shutdown`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Every run in flight finished within the grace period.
+    pub clean: bool,
+    /// Runs fired by the runtime that succeeded, over its life.
+    pub succeeded: u64,
+    /// …that failed (including a panic, a timeout, a stuck job).
+    pub failed: u64,
+    /// …that were refused at once (busy, cooling down).
+    pub refused: u64,
+    /// …that were cancelled (by shutdown, or replaced); a job that ignored its token past its
+    /// abandon grace was abandoned and counts here too.
+    pub cancelled: u64,
+}
+
+impl Runtime {
+    /// Starts every trigger's timer task. Must be called inside a tokio runtime.
+    pub fn start(self) -> RuntimeHandle {
+        let now = ClockReading::of(self.ctl.clock());
+        let triggers: Vec<_> = self
+            .triggers
+            .into_iter()
+            .map(|(t, _)| {
+                Arc::new(TriggerState {
+                    job: Arc::clone(&self.jobs[&t.job]),
+                    key: t.key,
+                    trigger: t.trigger,
+                    next_fire: Mutex::new(None),
+                    counts: Counts::default(),
+                })
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            ctl: self.ctl,
+            jobs: self.jobs,
+            triggers,
+            stop: CancellationToken::new(),
+            timers: TaskTracker::new(),
+            outcomes: Outcomes::default(),
+        });
+        for t in &inner.triggers {
+            // Validated in `build`; anchored now.
+            let schedule = Schedule::new(&t.trigger, now.wall).expect("validated by build");
+            let planner = Planner::new(schedule, now);
+            inner
+                .timers
+                .spawn(timer(Arc::clone(&inner), Arc::clone(t), planner));
+        }
+        RuntimeHandle { inner }
+    }
+}
+
+/// The longest a timer sleeps without looking at the clocks (to notice wall-clock jumps).
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// The timer loop of one trigger.
+async fn timer(inner: Arc<Inner>, t: Arc<TriggerState>, mut planner: Planner) {
+    loop {
+        *lock(&t.next_fire) = planner.next_fire();
+        let Some(at) = planner.deadline() else {
+            // Never fires again.
+            return;
+        };
+        // A wall-clock jump is only seen on waking: wake at least once a minute to look.
+        let cap = crate::time::add_saturating(tokio::time::Instant::now(), MAX_SLEEP);
+        tokio::select! {
+            biased;
+            _ = inner.stop.cancelled() => return,
+            _ = tokio::time::sleep_until(at.min(cap)) => {}
+        }
+        let plan = planner.wake(ClockReading::of(inner.ctl.clock()));
+        if plan.misfired() {
+            t.counts.misfires.fetch_add(1, Ordering::Relaxed);
+        }
+        if plan.clock_jump().is_some() {
+            t.counts.clock_jumps.fetch_add(1, Ordering::Relaxed);
+        }
+        if t.job.paused.load(Ordering::Relaxed) {
+            continue;
+        }
+        for _ in 0..plan.fires() {
+            t.counts.fires.fetch_add(1, Ordering::Relaxed);
+            let fire = (t.job.fire)(&inner.ctl, &t.key, false);
+            let inner2 = Arc::clone(&inner);
+            // The run is offered, not awaited: the loop never waits for a job.
+            inner.ctl.spawn_tracked(async move {
+                let r = fire.await;
+                inner2.outcomes.count(&r);
+            });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Outcomes {
+    fn count(&self, r: &Result<(), JobError>) {
+        let c = match r {
+            Ok(()) => &self.succeeded,
+            Err(JobError::Busy { .. } | JobError::CoolingDown { .. }) => &self.refused,
+            Err(JobError::Cancelled { .. }) => &self.cancelled,
+            Err(_) => &self.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl RuntimeHandle {
+    fn entry(&self, job: &str) -> Result<&Arc<Entry>, JobError> {
+        self.inner.jobs.get(job).ok_or_else(|| {
+            let mut known: Vec<_> = self.inner.jobs.keys().map(|k| k.to_string()).collect();
+            known.sort();
+            JobError::Misconfigured {
+                job: Arc::from(job),
+                message: format!(
+                    "job `{job}` is not registered (registered: [{}])",
+                    known.join(", ")
+                ),
+            }
+        })
+    }
+
+    /// Runs `job` for `key` now (a manual run), through the controller; `force` bypasses the
+    /// cooldown. Waits for the run's outcome. Works while the job is paused.
+    pub async fn trigger(&self, job: &str, key: &str, force: bool) -> Result<(), JobError> {
+        if self.inner.stop.is_cancelled() {
+            return Err(JobError::Cancelled {
+                job: Arc::from(job),
+                key: Arc::from(key),
+                reason: CancelReason::Shutdown,
+            });
+        }
+        let e = self.entry(job)?;
+        let r = (e.fire)(&self.inner.ctl, key, force).await;
+        self.inner.outcomes.count(&r);
+        r
+    }
+
+    /// Stops firing `job`'s triggers (fires due meanwhile are skipped, not saved up).
+    pub fn pause(&self, job: &str) -> Result<(), JobError> {
+        self.entry(job)?.paused.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fires `job`'s triggers again, from their next fire on.
+    pub fn resume(&self, job: &str) -> Result<(), JobError> {
+        self.entry(job)?.paused.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Every trigger with its next fire and counters, and its key's status.
+    pub fn status(&self) -> Vec<TriggerStatus> {
+        self.inner
+            .triggers
+            .iter()
+            .map(|t| TriggerStatus {
+                job: t.job.name.to_string(),
+                key: t.key.to_string(),
+                paused: t.job.paused.load(Ordering::Relaxed),
+                next_fire: *lock(&t.next_fire),
+                fires: t.counts.fires.load(Ordering::Relaxed),
+                misfires: t.counts.misfires.load(Ordering::Relaxed),
+                clock_jumps: t.counts.clock_jumps.load(Ordering::Relaxed),
+                run: self.inner.ctl.status(&t.job.name, &t.key),
+            })
+            .collect()
+    }
+
+    /// Stops the triggers, lets running jobs go on for `grace`, then cancels them and waits
+    /// (see the module docs). Idempotent.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        self.inner.stop.cancel();
+        self.inner.timers.close();
+        self.inner.timers.wait().await;
+        let clean = self.inner.ctl.shutdown(grace).await;
+        let o = &self.inner.outcomes;
+        ShutdownReport {
+            clean,
+            succeeded: o.succeeded.load(Ordering::Relaxed),
+            failed: o.failed.load(Ordering::Relaxed),
+            refused: o.refused.load(Ordering::Relaxed),
+            cancelled: o.cancelled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits for SIGINT or SIGTERM (Ctrl-C only, off Unix), then shuts down with `grace`.
+    pub async fn shutdown_on_signal(&self, grace: Duration) -> std::io::Result<ShutdownReport> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await?;
+        Ok(self.shutdown(grace).await)
+    }
+}

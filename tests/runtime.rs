@@ -1,0 +1,262 @@
+//! The scheduling runtime: triggers fire into the controller on paused time, exactly; bad
+//! registrations are refused; pause / resume / manual runs; faults never stop the loop; shutdown
+//! ends within its grace with no lock held.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use job_runtime::runtime::Runtime;
+use job_runtime::schedule::Trigger;
+use job_runtime::time::Instant;
+use job_runtime::{Job, JobContext, JobPolicy, JobRuntimeController, RunError, RuntimeConfig};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A plugin counting its runs; what a run does is a parameter.
+struct Counted<F> {
+    name: &'static str,
+    policy: JobPolicy,
+    runs: Arc<AtomicU64>,
+    body: F,
+}
+
+impl<F, Fut> Job for Counted<F>
+where
+    F: Fn(JobContext, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), RunError>> + Send,
+{
+    type Output = ();
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn policy(&self) -> JobPolicy {
+        self.policy.clone()
+    }
+    async fn run(&self, ctx: JobContext) -> Result<(), RunError> {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        (self.body)(ctx, n).await
+    }
+}
+
+fn counted<F, Fut>(name: &'static str, body: F) -> (Counted<F>, Arc<AtomicU64>)
+where
+    F: Fn(JobContext, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), RunError>> + Send,
+{
+    let runs = Arc::new(AtomicU64::new(0));
+    (
+        Counted {
+            name,
+            policy: JobPolicy::default(),
+            runs: Arc::clone(&runs),
+            body,
+        },
+        runs,
+    )
+}
+
+async fn ok(_ctx: JobContext, _n: u64) -> Result<(), RunError> {
+    Ok(())
+}
+
+#[cfg(feature = "cron")]
+#[tokio::test(start_paused = true)]
+async fn bad_registrations_are_refused_naming_what_is_wrong() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let err = Runtime::builder(&ctl)
+        .job(counted("a", ok).0)
+        .job(counted("a", ok).0)
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("two jobs are registered as `a`"),
+        "{err}"
+    );
+
+    let err = Runtime::builder(&ctl)
+        .job(counted("a", ok).0)
+        .trigger("b", "k", Trigger::every(secs(1)))
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("job `b`, which is not registered (registered: [a])"),
+        "{err}"
+    );
+
+    let err = Runtime::builder(&ctl)
+        .job(counted("a", ok).0)
+        .trigger("a", "k", Trigger::cron("every monday"))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("every monday"), "{err}");
+
+    let err = Runtime::builder(&ctl)
+        .job(counted("a", ok).0)
+        .trigger("a", "k", Trigger::cron("0 0 0 30 2 *"))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("never"), "{err}");
+}
+
+#[cfg(feature = "cron")]
+#[tokio::test(start_paused = true)]
+async fn an_every_second_cron_fires_86400_times_in_a_simulated_day() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (job, runs) = counted("tick", ok);
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("tick", "k", Trigger::cron("* * * * * *"))
+        .build()
+        .unwrap()
+        .start();
+    // Start just after a whole second, so the day holds exactly 86,400 second boundaries.
+    tokio::time::sleep(secs(86_400)).await;
+    let fires = rt.status()[0].fires;
+    let report = rt.shutdown(secs(1)).await;
+    assert!((86_400..=86_401).contains(&fires), "{fires}");
+    assert_eq!(runs.load(Ordering::SeqCst), fires);
+    assert_eq!(report.succeeded, fires);
+    assert_eq!(rt.status()[0].misfires, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interval_fires_on_schedule_and_pause_skips_fires() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (job, runs) = counted("tick", ok);
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("tick", "k", Trigger::every(secs(10)))
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::sleep(secs(35)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "at 0, 10, 20, 30 s");
+    let next = rt.status()[0].next_fire.unwrap();
+    assert_eq!(
+        next.duration_since(ctl.clock().wall_now()).unwrap(),
+        secs(5)
+    );
+    rt.pause("tick").unwrap();
+    tokio::time::sleep(secs(30)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "paused");
+    assert!(rt.status()[0].paused);
+    // A manual run works while paused.
+    rt.trigger("tick", "k", false).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
+    rt.resume("tick").unwrap();
+    tokio::time::sleep(secs(10)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        6,
+        "resumed at the next fire (70 s)"
+    );
+    assert!(rt.pause("nope").is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_still_running_at_its_next_fire_is_never_run_twice_at_once() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let running = Arc::new(AtomicU64::new(0));
+    let max = Arc::new(AtomicU64::new(0));
+    let (r, m) = (Arc::clone(&running), Arc::clone(&max));
+    let (job, runs) = counted("slow", move |_ctx, _n| {
+        let (r, m) = (Arc::clone(&r), Arc::clone(&m));
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(3_500)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("slow", "k", Trigger::every(secs(1)))
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::sleep(secs(20)).await;
+    let report = rt.shutdown(secs(10)).await;
+    assert_eq!(max.load(Ordering::SeqCst), 1, "never two at once");
+    // Default overlap Coalesce: fires during a run join it. Runs start at 0, 4, 8, 12, 16 s
+    // (the first fire after each 3.5 s run ends).
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
+    assert!(report.clean);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_panics_and_hangs_never_stop_the_loop() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (mut job, runs) = counted("faulty", |ctx: JobContext, n| async move {
+        match n % 2 {
+            0 => panic!("injected fault {n}"),
+            _ => {
+                // Hang, ignoring the token, until the budget cuts it off.
+                let _ = &ctx;
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        }
+    });
+    job.policy = JobPolicy::builder()
+        .budget(Duration::from_millis(5))
+        .abandon_grace(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("faulty", "k", Trigger::every(Duration::from_millis(10)))
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::sleep(Duration::from_millis(10_000)).await;
+    let start = Instant::now();
+    let report = rt.shutdown(secs(1)).await;
+    assert!(start.elapsed() <= secs(1));
+    assert!(
+        runs.load(Ordering::SeqCst) >= 1_000,
+        "{}",
+        runs.load(Ordering::SeqCst)
+    );
+    assert_eq!(report.succeeded, 0);
+    assert!(report.failed >= 1_000, "{report:?}");
+    assert!(
+        ctl.try_acquire("faulty", "k").is_some(),
+        "no lock left behind"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_within_grace_plus_abandon_grace_with_no_lock_held() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (mut job, _runs) = counted("hang", |_ctx, _n| async {
+        std::future::pending::<()>().await;
+        Ok(())
+    });
+    job.policy = JobPolicy::builder().abandon_grace(secs(1)).build().unwrap();
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("hang", "k", Trigger::every(secs(60)))
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::sleep(secs(1)).await;
+    let start = Instant::now();
+    let report = rt.shutdown(secs(5)).await;
+    assert!(!report.clean);
+    assert_eq!(
+        start.elapsed(),
+        secs(6),
+        "grace 5 s, then abandoned after 1 s"
+    );
+    assert_eq!(report.cancelled, 1);
+    assert!(ctl.try_acquire("hang", "k").is_some(), "no lock held");
+    assert!(
+        rt.trigger("hang", "k", true).await.is_err(),
+        "no runs after shutdown"
+    );
+}
