@@ -487,6 +487,8 @@ impl RuntimeHandle {
     }
 
     /// Waits for SIGINT or SIGTERM (Ctrl-C only, off Unix), then shuts down with `grace`.
+    // (Not in loom model builds: tokio has no signal handling under `--cfg loom`.)
+    #[cfg(not(loom))]
     pub async fn shutdown_on_signal(&self, grace: Duration) -> std::io::Result<ShutdownReport> {
         #[cfg(unix)]
         {
