@@ -52,6 +52,8 @@ pub struct PolicyOverrides {
     pub lock_wait: Option<Duration>,
     /// `HEARTBEAT_TIMEOUT` (0: off).
     pub heartbeat_timeout: Option<Duration>,
+    /// `PRIORITY`.
+    pub priority: Option<i32>,
     /// `GROUP` (normalized).
     pub group: Option<String>,
 }
@@ -101,6 +103,9 @@ impl PolicyOverrides {
         }
         if let Some(v) = self.lock_wait {
             p.lock_wait = v;
+        }
+        if let Some(v) = self.priority {
+            p.priority = v;
         }
         if let Some(v) = &self.group {
             p.group = Some(v.as_str().into());
@@ -176,6 +181,7 @@ const POLICY_FIELDS: &[&str] = &[
     "RETRY_JITTER",
     "MAX_ATTEMPTS",
     "LOCK_WAIT",
+    "PRIORITY",
     "COOLDOWN",
     "OVERLAP",
     "BUDGET",
@@ -437,6 +443,7 @@ fn read_policy_field(
         }
         "LOCK_WAIT" => o.lock_wait = Some(parse_duration(name, value)?),
         "HEARTBEAT_TIMEOUT" => o.heartbeat_timeout = Some(parse_duration(name, value)?),
+        "PRIORITY" => o.priority = Some(parse_priority(name, value)?),
         "GROUP" => {
             let v = value.trim();
             if v.is_empty() {
@@ -502,6 +509,22 @@ fn parse_positive<T: TryFrom<u64>>(name: &str, value: &str) -> Result<T, ConfigP
         return Err(problem(name, value, "zero", FORM));
     }
     T::try_from(n).map_err(|_| problem(name, value, "too large", FORM))
+}
+
+fn parse_priority(name: &str, value: &str) -> Result<i32, ConfigProblem> {
+    const FORM: &str = "a whole number from -2147483648 to 2147483647 (higher starts first)";
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(problem(name, value, "empty", FORM));
+    }
+    v.parse().map_err(|e: std::num::ParseIntError| {
+        let why = match e.kind() {
+            std::num::IntErrorKind::PosOverflow => "too large",
+            std::num::IntErrorKind::NegOverflow => "too small",
+            _ => "not a whole number",
+        };
+        problem(name, value, why, FORM)
+    })
 }
 
 fn parse_nonzero_usize(name: &str, value: &str) -> Result<NonZeroUsize, ConfigProblem> {

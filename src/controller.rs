@@ -1442,7 +1442,7 @@ impl Inner {
             } else {
                 // Permits and tokens are usually there at once: only a wait needs to watch the
                 // run's token (registering on it costs a lock and a waiter).
-                let acquire = scope.acquire(deadline.at());
+                let acquire = scope.acquire(policy.priority, deadline.at());
                 tokio::pin!(acquire);
                 match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
                     Poll::Ready(p) => p,

@@ -49,8 +49,8 @@ impl Overlap {
 /// How runs of one job behave.
 ///
 /// Defaults: overlap `Coalesce`; no cooldown; no budget and no attempt timeout; abandon grace
-/// 1 s; one attempt (see [`RetryPolicy`]); no concurrency group; lock wait 0 (a key held
-/// outside this controller makes the run `Busy`); lease 30 s (replicated backends only).
+/// 1 s; one attempt (see [`RetryPolicy`]); no concurrency group; priority 0; lock wait 0 (a key
+/// held outside this controller makes the run `Busy`); lease 30 s (replicated backends only).
 ///
 /// ```
 /// use job_runtime::{JobPolicy, Overlap};
@@ -64,9 +64,11 @@ impl Overlap {
 ///     .attempt_timeout(Duration::from_secs(10))
 ///     .max_attempts(3)
 ///     .group("db")
+///     .priority(10)
 ///     .build()
 ///     .unwrap();
 /// assert_eq!(policy.overlap(), Overlap::Skip);
+/// assert_eq!(policy.priority(), 10);
 /// ```
 #[derive(Debug, Clone)]
 pub struct JobPolicy {
@@ -77,6 +79,7 @@ pub struct JobPolicy {
     pub(crate) abandon_grace: Duration,
     pub(crate) retry: RetryPolicy,
     pub(crate) group: Option<Arc<str>>,
+    pub(crate) priority: i32,
     pub(crate) lock_wait: Duration,
     pub(crate) lease: Duration,
     pub(crate) heartbeat_timeout: Option<Duration>,
@@ -92,6 +95,7 @@ impl Default for JobPolicy {
             abandon_grace: Duration::from_secs(1),
             retry: RetryPolicy::default(),
             group: None,
+            priority: 0,
             lock_wait: Duration::ZERO,
             lease: Duration::from_secs(30),
             heartbeat_timeout: None,
@@ -158,6 +162,10 @@ impl JobPolicy {
     /// The concurrency / rate group, in normalized form.
     pub fn group(&self) -> Option<&str> {
         self.group.as_deref()
+    }
+    /// The priority of its attempts' waits for a concurrency permit (higher first).
+    pub fn priority(&self) -> i32 {
+        self.priority
     }
 
     /// Checks values that types cannot rule out.
@@ -238,6 +246,28 @@ impl JobPolicyBuilder {
     /// The named concurrency / rate group, configured on the controller.
     pub fn group(mut self, name: &str) -> Self {
         self.policy.group = Some(normalize_name(name).into());
+        self
+    }
+    /// Where its attempts queue when a concurrency limit (the group's or the global one) is
+    /// full: a waiting attempt of higher priority starts before one of lower priority, and
+    /// attempts of equal priority start in arrival order. Default 0; negative values queue
+    /// behind the default.
+    ///
+    /// Priority orders the queue only: it does not cancel or pause attempts already running,
+    /// reserve permits, or change rate-limit waits, and a low priority can wait for as long as
+    /// higher-priority attempts keep arriving (the run's budget still bounds that wait). A
+    /// retry queues anew, behind the attempts of its priority already waiting.
+    ///
+    /// ```
+    /// use job_runtime::JobPolicy;
+    ///
+    /// let urgent = JobPolicy::builder().group("db").priority(10).build().unwrap();
+    /// let batch = JobPolicy::builder().group("db").priority(-1).build().unwrap();
+    /// assert!(urgent.priority() > batch.priority());
+    /// assert_eq!(JobPolicy::default().priority(), 0);
+    /// ```
+    pub fn priority(mut self, p: i32) -> Self {
+        self.policy.priority = p;
         self
     }
     /// How long a run waits for a key held outside this controller (0: `Busy` at once).

@@ -9,21 +9,34 @@
 //! one (tokens last, so a token is spent right before the call it pays for). Waiting counts
 //! against the run's budget.
 //!
+//! Attempts waiting for the same concurrency limit start in priority order
+//! ([`JobPolicy::priority`](crate::JobPolicy::priority), higher first), then first come first
+//! served. A released permit is handed straight to the best waiter, so an arrival can never
+//! slip in ahead of it, and a wait that is given up (deadline, cancellation) leaves the queue
+//! and passes on a permit it had been handed: none is lost or counted twice. Priority orders
+//! the queue only; it does not pre-empt a running attempt or reserve permits, and a retry
+//! queues anew (behind earlier arrivals of its priority). Rate-token waits are not ordered by
+//! priority: each waiter sleeps for the time governor names.
+//!
 //! Rate limits use governor's GCRA driven by `tokio::time` (its own clock and `until_ready`
 //! would ignore paused time in tests): we `check`, and on a refusal sleep for the time governor
 //! says, through the tokio timer. With a quota of `n` per period `p` and burst `b`, at most
 //! `b + w·n/p` attempts start in any window of length `w`.
 
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use governor::clock::Clock as GovClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::time::Instant;
 
@@ -139,10 +152,192 @@ impl GovClock for TokioClock {
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>;
 
+/// A counting semaphore whose waiters are served by priority, then in arrival order.
+///
+/// Why our own: tokio's `Semaphore` serves waiters strictly first come first served, and no
+/// small, maintained crate offers priorities with the two properties the controller relies on:
+/// cancel safety (a run's acquisition is dropped on deadline or cancellation) and hand-off (a
+/// released permit goes to the best waiter directly, so a newcomer can never take it between
+/// the release and the waiter's wake-up). The state is small enough to keep under one mutex.
+///
+/// Invariant: while anyone waits, no permit is free (a release with waiters hands its permit
+/// over instead of freeing it). So "a permit is free" already implies "nobody is queued ahead".
+#[derive(Debug)]
+struct PrioritySemaphore {
+    state: Mutex<SemState>,
+}
+
+#[derive(Debug)]
+struct SemState {
+    /// Permits free to take.
+    free: usize,
+    /// Queued waiters, best first: priority descending, then arrival ascending. A waiter is
+    /// removed either by a release (the permit is then its own) or by itself when dropped.
+    waiters: BTreeMap<WaiterKey, Waker>,
+    /// Arrival counter (never wraps in practice: 2⁶⁴ waits).
+    next_seq: u64,
+}
+
+/// A waiter's place in the queue; unique (the arrival number is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct WaiterKey {
+    priority: Reverse<i32>,
+    seq: u64,
+}
+
+impl PrioritySemaphore {
+    fn new(permits: usize) -> Self {
+        Self {
+            state: Mutex::new(SemState {
+                free: permits,
+                waiters: BTreeMap::new(),
+                next_seq: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SemState> {
+        // The critical sections below leave the state consistent at every point where they can
+        // panic (only an allocation can), so a poisoned lock is still safe to use.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn available_permits(&self) -> usize {
+        self.lock().free
+    }
+
+    /// Takes a permit if one is free (and so nobody waits); one lock, no allocation.
+    fn try_acquire(&self) -> Option<SemPermit<'_>> {
+        let taken = self.lock().take();
+        // Not `then_some`: building the permit when none was taken would release one.
+        taken.then(|| SemPermit { sem: self })
+    }
+
+    /// Waits for a permit, behind every queued waiter of higher or equal priority.
+    /// Cancel-safe: dropping the future leaves the queue, and passes on a permit that was
+    /// handed to it meanwhile.
+    fn acquire(&self, priority: i32) -> SemAcquire<'_> {
+        SemAcquire {
+            sem: self,
+            priority,
+            queued: None,
+        }
+    }
+
+    /// Gives a permit back: to the best waiter if any (waking it outside the lock), else to
+    /// the pool.
+    fn release(&self) {
+        let mut s = self.lock();
+        let waker = s.hand_over();
+        drop(s);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl SemState {
+    fn take(&mut self) -> bool {
+        if self.free > 0 && self.waiters.is_empty() {
+            self.free -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A permit comes back: the best waiter now owns it (its entry is gone, which is how it
+    /// learns so), or it is free. Returns the waker to call once the lock is released.
+    fn hand_over(&mut self) -> Option<Waker> {
+        match self.waiters.pop_first() {
+            Some((_, waker)) => Some(waker),
+            None => {
+                self.free += 1;
+                None
+            }
+        }
+    }
+}
+
+/// One permit of a [`PrioritySemaphore`]; dropping gives it back.
+#[derive(Debug)]
+struct SemPermit<'a> {
+    sem: &'a PrioritySemaphore,
+}
+
+impl Drop for SemPermit<'_> {
+    fn drop(&mut self) {
+        self.sem.release();
+    }
+}
+
+/// The future of [`PrioritySemaphore::acquire`].
+#[derive(Debug)]
+struct SemAcquire<'a> {
+    sem: &'a PrioritySemaphore,
+    priority: i32,
+    /// Our place in the queue, once queued; `None` before the first poll and after the permit
+    /// was taken.
+    queued: Option<WaiterKey>,
+}
+
+impl<'a> Future for SemAcquire<'a> {
+    type Output = SemPermit<'a>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SemPermit<'a>> {
+        let sem = self.sem;
+        let mut s = sem.lock();
+        match self.queued {
+            None => {
+                if s.take() {
+                    return Poll::Ready(SemPermit { sem });
+                }
+                let key = WaiterKey {
+                    priority: Reverse(self.priority),
+                    seq: s.next_seq,
+                };
+                s.next_seq += 1;
+                s.waiters.insert(key, cx.waker().clone());
+                self.queued = Some(key);
+                Poll::Pending
+            }
+            Some(key) => match s.waiters.get_mut(&key) {
+                Some(w) => {
+                    if !w.will_wake(cx.waker()) {
+                        w.clone_from(cx.waker());
+                    }
+                    Poll::Pending
+                }
+                // Only a release removes another's entry: the permit is ours.
+                None => {
+                    self.queued = None;
+                    Poll::Ready(SemPermit { sem })
+                }
+            },
+        }
+    }
+}
+
+impl Drop for SemAcquire<'_> {
+    fn drop(&mut self) {
+        let Some(key) = self.queued else { return };
+        let mut s = self.sem.lock();
+        if s.waiters.remove(&key).is_some() {
+            return;
+        }
+        // A permit was handed to us and we never took it: pass it on.
+        let waker = s.hand_over();
+        drop(s);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
 /// Limits of one scope (global, or a named group).
 #[derive(Default)]
 pub(crate) struct Gate {
-    sem: Option<Arc<Semaphore>>,
+    sem: Option<PrioritySemaphore>,
     rate: Option<Limiter>,
 }
 
@@ -161,7 +356,7 @@ impl fmt::Debug for Gate {
 impl Gate {
     pub(crate) fn new(concurrency: Option<usize>, rate: Option<RateLimit>) -> Self {
         Self {
-            sem: concurrency.map(|n| Arc::new(Semaphore::new(n))),
+            sem: concurrency.map(PrioritySemaphore::new),
             rate: rate.map(|r| RateLimiter::direct_with_clock(r.quota(), TokioClock)),
         }
     }
@@ -170,19 +365,25 @@ impl Gate {
         self.sem.is_none() && self.rate.is_none()
     }
 
-    async fn permit(&self, deadline: Option<Instant>) -> Result<Option<OwnedSemaphorePermit>, ()> {
+    /// Takes a concurrency permit, waiting behind queued waiters of higher or equal priority
+    /// until `deadline` at most (the timeout drops the wait, which leaves the queue).
+    async fn permit(
+        &self,
+        priority: i32,
+        deadline: Option<Instant>,
+    ) -> Result<Option<SemPermit<'_>>, ()> {
         let Some(sem) = &self.sem else {
             return Ok(None);
         };
-        if let Ok(p) = Arc::clone(sem).try_acquire_owned() {
+        if let Some(p) = sem.try_acquire() {
             return Ok(Some(p));
         }
-        let acquire = Arc::clone(sem).acquire_owned();
+        let acquire = sem.acquire(priority);
         let p = match deadline {
             Some(d) => tokio::time::timeout_at(d, acquire).await.map_err(|_| ())?,
             None => acquire.await,
         };
-        Ok(Some(p.expect("semaphores are never closed")))
+        Ok(Some(p))
     }
 
     /// Takes a rate token, sleeping as governor says; returns the time waited.
@@ -213,11 +414,11 @@ impl Gate {
     }
 }
 
-/// The permits of one attempt; dropping gives them back.
+/// The permits of one attempt; dropping gives them back (the group's first).
 #[derive(Debug, Default)]
-pub(crate) struct Permits {
-    _group: Option<OwnedSemaphorePermit>,
-    _global: Option<OwnedSemaphorePermit>,
+pub(crate) struct Permits<'a> {
+    _group: Option<SemPermit<'a>>,
+    _global: Option<SemPermit<'a>>,
     /// Time spent waiting for rate tokens.
     pub(crate) rate_waited: Duration,
 }
@@ -238,21 +439,30 @@ pub(crate) struct Scope<'a> {
     group: Option<&'a Gate>,
 }
 
-impl Scope<'_> {
+impl<'a> Scope<'a> {
     /// `true` when neither gate limits anything: an attempt takes nothing.
     pub(crate) fn is_open(&self) -> bool {
         self.global.is_open() && self.group.is_none_or(Gate::is_open)
     }
 
-    /// Takes the permits and tokens for one attempt, waiting until `deadline` at most.
-    pub(crate) async fn acquire(&self, deadline: Option<Instant>) -> Result<Permits, LimitError> {
+    /// Takes the permits and tokens for one attempt, waiting until `deadline` at most; while
+    /// permits are short, waiters of higher `priority` go first, then earlier arrivals.
+    /// Dropping the future (the run is cancelled) gives back whatever it holds or was handed.
+    pub(crate) async fn acquire(
+        &self,
+        priority: i32,
+        deadline: Option<Instant>,
+    ) -> Result<Permits<'a>, LimitError> {
         let mut permits = Permits::default();
         if let Some(g) = self.group {
-            permits._group = g.permit(deadline).await.map_err(|_| LimitError::Deadline)?;
+            permits._group = g
+                .permit(priority, deadline)
+                .await
+                .map_err(|_| LimitError::Deadline)?;
         }
         permits._global = self
             .global
-            .permit(deadline)
+            .permit(priority, deadline)
             .await
             .map_err(|_| LimitError::Deadline)?;
         if let Some(g) = self.group {
@@ -321,6 +531,162 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waker() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count::default());
+        (Arc::clone(&c), Waker::from(Arc::clone(&c)))
+    }
+
+    fn poll<'a>(f: &mut Pin<Box<SemAcquire<'a>>>, w: &Waker) -> Poll<SemPermit<'a>> {
+        f.as_mut().poll(&mut Context::from_waker(w))
+    }
+
+    fn queued(sem: &PrioritySemaphore) -> usize {
+        sem.lock().waiters.len()
+    }
+
+    #[test]
+    fn free_permits_are_taken_at_once_and_given_back() {
+        let sem = PrioritySemaphore::new(2);
+        let a = sem.try_acquire().expect("free");
+        let (_, w) = waker();
+        let mut b = Box::pin(sem.acquire(0));
+        let Poll::Ready(b) = poll(&mut b, &w) else {
+            panic!("a free permit is taken on the first poll");
+        };
+        assert_eq!(sem.available_permits(), 0);
+        assert!(sem.try_acquire().is_none());
+        drop((a, b));
+        assert_eq!(sem.available_permits(), 2);
+    }
+
+    #[test]
+    fn waiters_are_served_by_priority_then_arrival() {
+        let sem = PrioritySemaphore::new(1);
+        let held = sem.try_acquire().unwrap();
+        let (_, w) = waker();
+        let prios = [0, 5, 1, 5, -2, 3];
+        let mut futs: Vec<_> = prios.iter().map(|&p| Box::pin(sem.acquire(p))).collect();
+        for f in &mut futs {
+            assert!(poll(f, &w).is_pending());
+        }
+        drop(held);
+        let mut order = Vec::new();
+        while order.len() < prios.len() {
+            let ready: Vec<_> = (0..futs.len())
+                .filter(|&i| !order.contains(&i))
+                .filter_map(|i| match poll(&mut futs[i], &w) {
+                    Poll::Ready(p) => Some((i, p)),
+                    Poll::Pending => None,
+                })
+                .collect();
+            assert_eq!(ready.len(), 1, "exactly one waiter holds the one permit");
+            let (i, p) = ready.into_iter().next().unwrap();
+            order.push(i);
+            drop(p);
+        }
+        // Priorities 5 (1st), 5 (2nd), 3, 1, 0, -2.
+        assert_eq!(order, [1, 3, 5, 2, 0, 4]);
+        assert_eq!((sem.available_permits(), queued(&sem)), (1, 0));
+    }
+
+    #[test]
+    fn a_release_hands_the_permit_over_before_anyone_can_take_it() {
+        let sem = PrioritySemaphore::new(1);
+        let held = sem.try_acquire().unwrap();
+        let (woken, w) = waker();
+        let mut high = Box::pin(sem.acquire(5));
+        assert!(poll(&mut high, &w).is_pending());
+        drop(held);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the waiter is woken");
+        // The permit is the waiter's already: a newcomer of any priority finds none.
+        assert_eq!(sem.available_permits(), 0);
+        assert!(sem.try_acquire().is_none());
+        let mut low = Box::pin(sem.acquire(0));
+        assert!(poll(&mut low, &w).is_pending());
+        let mut higher = Box::pin(sem.acquire(9));
+        assert!(poll(&mut higher, &w).is_pending());
+        assert!(poll(&mut high, &w).is_ready());
+        drop((low, higher));
+        assert_eq!((sem.available_permits(), queued(&sem)), (1, 0));
+    }
+
+    #[test]
+    fn a_dropped_waiter_leaves_the_queue() {
+        let sem = PrioritySemaphore::new(1);
+        let held = sem.try_acquire().unwrap();
+        let (_, w) = waker();
+        let mut a = Box::pin(sem.acquire(5));
+        let mut b = Box::pin(sem.acquire(1));
+        assert!(poll(&mut a, &w).is_pending());
+        assert!(poll(&mut b, &w).is_pending());
+        drop(a);
+        assert_eq!(queued(&sem), 1);
+        drop(held);
+        assert!(
+            poll(&mut b, &w).is_ready(),
+            "the next waiter gets the permit"
+        );
+        assert_eq!((sem.available_permits(), queued(&sem)), (1, 0));
+        // Dropping a future never polled, or one that got its permit, changes nothing.
+        drop(sem.acquire(3));
+        assert_eq!((sem.available_permits(), queued(&sem)), (1, 0));
+    }
+
+    #[test]
+    fn a_permit_handed_to_a_dropped_waiter_goes_on() {
+        let sem = PrioritySemaphore::new(1);
+        let held = sem.try_acquire().unwrap();
+        let (_, w) = waker();
+        let (woken_b, wb) = waker();
+        let mut a = Box::pin(sem.acquire(5));
+        let mut b = Box::pin(sem.acquire(1));
+        assert!(poll(&mut a, &w).is_pending());
+        assert!(poll(&mut b, &wb).is_pending());
+        drop(held); // handed to `a` ...
+        drop(a); // ... which is dropped before it runs: `b` gets it and is woken.
+        assert_eq!(woken_b.0.load(Ordering::SeqCst), 1);
+        assert_eq!(sem.available_permits(), 0);
+        let Poll::Ready(p) = poll(&mut b, &wb) else {
+            panic!("the permit went on to `b`");
+        };
+        drop(p);
+        // With nobody left to hand it to, a dropped waiter's permit goes back to the pool.
+        let held = sem.try_acquire().unwrap();
+        let mut c = Box::pin(sem.acquire(0));
+        assert!(poll(&mut c, &w).is_pending());
+        drop(held);
+        drop(c);
+        assert_eq!((sem.available_permits(), queued(&sem)), (1, 0));
+    }
+
+    #[test]
+    fn a_moved_waiter_is_woken_through_its_latest_waker() {
+        let sem = PrioritySemaphore::new(1);
+        let held = sem.try_acquire().unwrap();
+        let (first, w1) = waker();
+        let (second, w2) = waker();
+        let mut a = Box::pin(sem.acquire(0));
+        assert!(poll(&mut a, &w1).is_pending());
+        assert!(poll(&mut a, &w2).is_pending());
+        drop(held);
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(poll(&mut a, &w2).is_ready());
+    }
 
     #[test]
     fn parses_rates() {

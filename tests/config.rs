@@ -42,7 +42,7 @@ fn cfg_err(vars: &[(&str, &str)]) -> ConfigError {
 }
 
 /// The policy fields, each readable as `JOBRT_<FIELD>` and `JOBRT_JOB_<NAME>_<FIELD>`.
-const POLICY_FIELDS: [&str; 13] = [
+const POLICY_FIELDS: [&str; 14] = [
     "OVERLAP",
     "COOLDOWN",
     "FAILURE_COOLDOWN",
@@ -55,6 +55,7 @@ const POLICY_FIELDS: [&str; 13] = [
     "RETRY_JITTER",
     "LOCK_WAIT",
     "HEARTBEAT_TIMEOUT",
+    "PRIORITY",
     "GROUP",
 ];
 
@@ -69,6 +70,7 @@ const COUNT_FORM: &str = "a whole number of at least 1";
 const OVERLAP_FORM: &str = "one of coalesce, skip, queue-one, replace";
 const JITTER_FORM: &str = "one of none, full, equal, decorrelated";
 const GROUP_FORM: &str = "a group name defined by JOBRT_GROUP_<NAME>_*";
+const PRIORITY_FORM: &str = "a whole number from -2147483648 to 2147483647 (higher starts first)";
 
 /// Asserts `vars` fail with exactly one problem, about `name` = `value`, whose `expected`
 /// is `form`, and that the message names all three.
@@ -215,6 +217,7 @@ fn every_policy_field_is_known_in_both_scopes() {
         "MAX_ATTEMPTS" => "2",
         "RETRY_JITTER" => "none",
         "GROUP" => "db",
+        "PRIORITY" => "5",
         _ => "3s",
     };
     for field in POLICY_FIELDS {
@@ -312,6 +315,16 @@ fn accepted_value_forms() {
         }
         for (v, n) in [("1", 1), ("10", 10), (" 7 ", 7), ("4294967295", u32::MAX)] {
             assert_eq!(read("MAX_ATTEMPTS", v).max_attempts, Some(n), "{v:?}");
+        }
+        for (v, n) in [
+            ("0", 0),
+            ("10", 10),
+            (" -3 ", -3),
+            ("+7", 7),
+            ("2147483647", i32::MAX),
+            ("-2147483648", i32::MIN),
+        ] {
+            assert_eq!(read("PRIORITY", v).priority, Some(n), "{v:?}");
         }
         for (v, g) in [
             ("db", "DB"),
@@ -512,6 +525,29 @@ fn unknown_enum_words_are_rejected() {
             assert_rejected(&[(&name, v)], &name, v, GROUP_FORM);
         }
     }
+}
+
+#[test]
+fn bad_priorities_are_rejected() {
+    for scope in SCOPES {
+        let name = format!("{scope}PRIORITY");
+        for v in [
+            "",
+            " ",
+            "high",
+            "1.5",
+            "- 1",
+            "5 urgent",
+            "2147483648",
+            "-2147483649",
+        ] {
+            assert_rejected(&[(&name, v)], &name, v, PRIORITY_FORM);
+        }
+    }
+    let err = cfg_err(&[("JOBRT_PRIORITY", "2147483648")]);
+    assert!(err.to_string().contains("too large"), "{err}");
+    let err = cfg_err(&[("JOBRT_PRIORITY", "-2147483649")]);
+    assert!(err.to_string().contains("too small"), "{err}");
 }
 
 /// `RETRY_BASE_DELAY` above `RETRY_MAX_DELAY` is rejected globally and per job, naming both
