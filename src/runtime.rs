@@ -340,8 +340,15 @@ impl Runtime {
             outcomes: Outcomes::default(),
         });
         for t in &inner.triggers {
-            // Validated in `build`; anchored now.
-            let schedule = Schedule::new(&t.trigger, now.wall).expect("validated by build");
+            // Validated in `build`; anchored now. (A cron whose last year ran out between
+            // `build` and `start` never fires: its status shows no next fire.)
+            let schedule = match Schedule::new(&t.trigger, now.wall) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(job = %t.job.name, key = %t.key, error = %e, "trigger not started");
+                    continue;
+                }
+            };
             let planner = Planner::new(schedule, now);
             inner
                 .timers
