@@ -118,14 +118,22 @@ pub(crate) mod serde_fmt {
 
     pub(crate) fn rfc3339<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
         match t {
-            Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
+            Some(t) => rfc3339_at(t, s),
             None => s.serialize_none(),
         }
     }
 
+    pub(crate) fn rfc3339_at<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*t))
+    }
+
+    pub(crate) fn millis_of<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1e3)
+    }
+
     pub(crate) fn millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_f64(d.as_secs_f64() * 1e3),
+            Some(d) => millis_of(d, s),
             None => s.serialize_none(),
         }
     }

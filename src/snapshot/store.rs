@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::Either;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Serialize, Serializer};
 
 use crate::controller::{JobRuntimeController, Progress, RunState};
 use crate::error::{JobError, RunError};
@@ -34,10 +34,13 @@ pub struct Snapshot<T> {
     /// The value, shared with every reader of the same scan.
     pub data: Arc<T>,
     /// When the scan that produced it ended (wall time; RFC 3339 in serde).
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::time::serde_fmt::rfc3339_at")]
     pub generated_at: SystemTime,
     /// How old it was when read (`age_ms` in serde).
-    #[serde(serialize_with = "millis", rename = "age_ms")]
+    #[serde(
+        serialize_with = "crate::time::serde_fmt::millis_of",
+        rename = "age_ms"
+    )]
     pub age: Duration,
     /// Older than the store's ttl (or invalidated): a refresh is due or under way.
     pub is_stale: bool,
@@ -58,14 +61,6 @@ impl<T> Clone for Snapshot<T> {
             source: self.source,
         }
     }
-}
-
-fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
-}
-
-fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
 /// What a store's scan is doing.
