@@ -96,7 +96,10 @@ pub enum AttemptEnd<R> {
     /// was dropped.
     Abandoned(Limit),
     /// The run's token was cancelled from outside (replace, shutdown, lease lost).
-    Cancelled,
+    Cancelled {
+        /// The job ignored its token past the grace period: its future was dropped.
+        abandoned: bool,
+    },
 }
 
 /// Runs `fut` until it finishes, `deadline` passes, `stuck` resolves (the job went silent),
@@ -126,7 +129,7 @@ pub async fn run_bounded<F: Future>(
         // whatever it returned: the same outcome as one that took part of its grace period.
         r = &mut fut => {
             return if outer.is_cancelled() {
-                AttemptEnd::Cancelled
+                AttemptEnd::Cancelled { abandoned: false }
             } else {
                 AttemptEnd::Done(r)
             };
@@ -143,7 +146,9 @@ pub async fn run_bounded<F: Future>(
         _ = tokio::time::sleep_until(grace_end) => false,
     };
     match (limit, stopped) {
-        (None, _) => AttemptEnd::Cancelled,
+        (None, stopped) => AttemptEnd::Cancelled {
+            abandoned: !stopped,
+        },
         (Some(l), true) => AttemptEnd::TimedOut(l),
         (Some(l), false) => AttemptEnd::Abandoned(l),
     }

@@ -458,6 +458,8 @@ struct Inner {
     closing: CancellationToken,
     next_run: AtomicU64,
     since_sweep: AtomicU64,
+    /// Runs whose job ignored an outside cancellation past its grace and was dropped.
+    abandoned: AtomicU64,
     hooks: Hooks,
 }
 
@@ -538,6 +540,7 @@ impl JobRuntimeController {
                 closing: CancellationToken::new(),
                 next_run: AtomicU64::new(1),
                 since_sweep: AtomicU64::new(0),
+                abandoned: AtomicU64::new(0),
                 hooks: Hooks::new(),
             }),
         }
@@ -702,6 +705,13 @@ impl JobRuntimeController {
     pub fn available_permits(&self, group: Option<&str>) -> Option<usize> {
         let g = group.map(crate::job::normalize_name);
         self.inner.limits.available(g.as_deref())
+    }
+
+    /// Runs, over the controller's life, whose job ignored an outside cancellation (shutdown,
+    /// `Replace`, a lost lease) past its policy's `abandon_grace`, so its future was dropped.
+    /// Such a job may have left work half done: the count is there to be alerted on.
+    pub fn abandoned_runs(&self) -> u64 {
+        self.inner.abandoned.load(Ordering::Relaxed)
     }
 
     /// Stops accepting runs (new calls get `Cancelled { reason: Shutdown }`), lets runs in
@@ -1541,7 +1551,12 @@ impl Inner {
                     };
                     (err, Decision::Retry)
                 }
-                AttemptEnd::Cancelled => return Err(cancelled()),
+                AttemptEnd::Cancelled { abandoned } => {
+                    if abandoned {
+                        self.abandoned.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(cancelled());
+                }
             };
             if decision == Decision::Abort || attempt >= max {
                 if attempt == 1 {

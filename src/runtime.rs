@@ -309,9 +309,19 @@ pub struct ShutdownReport {
     pub failed: u64,
     /// …that were refused at once (busy, cooling down).
     pub refused: u64,
-    /// …that were cancelled (by shutdown, or replaced); a job that ignored its token past its
-    /// abandon grace was abandoned and counts here too.
+    /// …that were cancelled (by shutdown, or replaced) and stopped within their abandon grace.
     pub cancelled: u64,
+    /// Runs that ignored the shutdown's cancellation past their policy's abandon grace: their
+    /// futures were dropped, possibly half done. Counted by the controller during this
+    /// shutdown, so a run of the same controller not fired by this runtime counts too.
+    pub abandoned: u64,
+}
+
+impl ShutdownReport {
+    /// Runs that ran to an end of their own: `succeeded + failed`.
+    pub fn finished(&self) -> u64 {
+        self.succeeded + self.failed
+    }
 }
 
 impl Runtime {
@@ -458,6 +468,13 @@ impl RuntimeHandle {
         Ok(())
     }
 
+    /// Whether `job` is paused (for adapters firing on another scheduler's clock, such as
+    /// `compat`); an unknown job is the same error as [`trigger`](Self::trigger)'s.
+    #[cfg_attr(not(feature = "tokio-cron-scheduler"), allow(dead_code))]
+    pub(crate) fn is_paused(&self, job: &str) -> Result<bool, JobError> {
+        Ok(self.entry(job)?.paused.load(Ordering::Relaxed))
+    }
+
     /// Every trigger with its next fire and counters, and its key's status.
     pub fn status(&self) -> Vec<TriggerStatus> {
         self.inner
@@ -482,14 +499,20 @@ impl RuntimeHandle {
         self.inner.stop.cancel();
         self.inner.timers.close();
         self.inner.timers.wait().await;
+        let abandoned_before = self.inner.ctl.abandoned_runs();
         let clean = self.inner.ctl.shutdown(grace).await;
+        let abandoned = self.inner.ctl.abandoned_runs() - abandoned_before;
         let o = &self.inner.outcomes;
         ShutdownReport {
             clean,
             succeeded: o.succeeded.load(Ordering::Relaxed),
             failed: o.failed.load(Ordering::Relaxed),
             refused: o.refused.load(Ordering::Relaxed),
-            cancelled: o.cancelled.load(Ordering::Relaxed),
+            cancelled: o
+                .cancelled
+                .load(Ordering::Relaxed)
+                .saturating_sub(abandoned),
+            abandoned,
         }
     }
 

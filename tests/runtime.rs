@@ -253,10 +253,37 @@ async fn shutdown_ends_within_grace_plus_abandon_grace_with_no_lock_held() {
         secs(6),
         "grace 5 s, then abandoned after 1 s"
     );
-    assert_eq!(report.cancelled, 1);
+    assert_eq!(report.abandoned, 1, "the job ignored its token: {report:?}");
+    assert_eq!(report.cancelled, 0, "{report:?}");
+    assert_eq!(report.finished(), 0, "{report:?}");
+    assert_eq!(ctl.abandoned_runs(), 1);
     assert!(ctl.try_acquire("hang", "k").is_some(), "no lock held");
     assert!(
         rt.trigger("hang", "k", true).await.is_err(),
         "no runs after shutdown"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_that_heeds_its_token_at_shutdown_counts_as_cancelled_not_abandoned() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (mut job, _runs) = counted("polite", |ctx: JobContext, _n| async move {
+        ctx.cancelled().await;
+        Ok(())
+    });
+    job.policy = JobPolicy::builder().abandon_grace(secs(1)).build().unwrap();
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("polite", "k", Trigger::every(secs(60)))
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::sleep(secs(1)).await;
+    let start = Instant::now();
+    let report = rt.shutdown(secs(5)).await;
+    assert_eq!(start.elapsed(), secs(5), "grace, then it stops at once");
+    assert!(!report.clean);
+    assert_eq!((report.cancelled, report.abandoned), (1, 0), "{report:?}");
+    assert_eq!(ctl.abandoned_runs(), 0);
+    assert!(ctl.try_acquire("polite", "k").is_some(), "no lock held");
 }
