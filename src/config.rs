@@ -163,6 +163,9 @@ pub struct RuntimeConfig {
     /// `JOBRT_SNAPSHOT_DIR`: where snapshot stores keep their files unless a store sets its
     /// own directory (`None`: the platform's data directory, `<data dir>/job-runtime`).
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// `JOBRT_TELEMETRY_KEYS`: how a run's key appears in spans and logs (`off`, `hashed`
+    /// — the default — or `raw`). Metrics never carry keys.
+    pub telemetry_keys: crate::telemetry::KeyAttribute,
     /// Unknown `JOBRT_*` variables found while reading (each also logged as a warning).
     pub warnings: Vec<String>,
 }
@@ -242,6 +245,18 @@ impl RuntimeConfig {
             }
             "STATUS_RETENTION" => {
                 self.status_retention = parse_duration(name, value)?;
+                return Ok(());
+            }
+            "TELEMETRY_KEYS" => {
+                self.telemetry_keys =
+                    crate::telemetry::KeyAttribute::parse(value).ok_or_else(|| {
+                        problem(
+                            name,
+                            value,
+                            "unknown key attribute mode",
+                            "one of off, hashed, raw",
+                        )
+                    })?;
                 return Ok(());
             }
             "SNAPSHOT_DIR" => {

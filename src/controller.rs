@@ -52,7 +52,10 @@ use crate::hooks::{EventKind, Hooks, JobEvent, Listening};
 use crate::job::{Job, JobContext, JobPolicy, Overlap};
 use crate::limit::{Gate, LimitError, Limits, Permits};
 use crate::lock::{FencingToken, KeyGuard, KeyedLocks};
+use crate::telemetry::{Metrics, attr};
 use crate::time::{Clock, Instant, add_saturating, serde_fmt};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 /// A job name and a key: what one run is about.
 #[derive(Clone, PartialEq, Eq)]
@@ -198,6 +201,9 @@ pub struct KeyStatus {
     pub last_error: Option<String>,
     /// The last error's kind (`failed`, `panicked`, …).
     pub last_error_kind: Option<&'static str>,
+    /// The trace id of the run that ended with the last error (32 hex digits), to find it in
+    /// the tracing backend; `None` without feature `otel` or an OpenTelemetry layer.
+    pub last_error_trace_id: Option<String>,
     /// Cooldown left (`cooldown_remaining_ms` in serde).
     #[serde(serialize_with = "serde_fmt::millis", rename = "cooldown_remaining_ms")]
     pub cooldown_remaining: Option<Duration>,
@@ -227,6 +233,7 @@ struct KeyData {
     last_duration: Option<Duration>,
     last_error: Option<String>,
     last_error_kind: Option<&'static str>,
+    last_error_trace_id: Option<String>,
     progress: Option<Progress>,
     last_heartbeat: Option<SystemTime>,
     heartbeat_details: Option<String>,
@@ -307,6 +314,7 @@ impl KeyRecord {
             last_duration: d.last_duration,
             last_error: d.last_error.clone(),
             last_error_kind: d.last_error_kind,
+            last_error_trace_id: d.last_error_trace_id.clone(),
             cooldown_remaining,
             progress: d.progress,
             last_heartbeat: d.last_heartbeat,
@@ -412,12 +420,14 @@ impl<T: Send + Sync + 'static> ErasedFlight for Flight<T> {
     }
 }
 
-type Starter = Box<dyn FnOnce(u64, Arc<RunHandle>) + Send + Sync>;
+type Starter = Box<dyn FnOnce(u64, Arc<RunHandle>, tracing::Span) + Send + Sync>;
 
 /// The run queued behind the one in flight (overlap `QueueOne`).
 struct Queued {
     flight: Arc<dyn ErasedFlight>,
     start: Option<Starter>,
+    /// Its `job.run` span, made when it was queued (in the queuing caller's context).
+    span: tracing::Span,
     job: Arc<str>,
     key: Arc<str>,
 }
@@ -438,6 +448,8 @@ impl Drop for Queued {
 /// The in-flight entry of a key.
 struct Slot {
     id: u64,
+    /// The run's `job.run` span, for links from the callers that join it.
+    span: tracing::Span,
     run: Arc<RunHandle>,
     flight: Arc<dyn ErasedFlight>,
     record: Arc<KeyRecord>,
@@ -461,6 +473,7 @@ struct Inner {
     /// Runs whose job ignored an outside cancellation past its grace and was dropped.
     abandoned: AtomicU64,
     hooks: Hooks,
+    metrics: Metrics,
 }
 
 /// The heart of the crate: runs jobs per key through the pipeline (see the module docs).
@@ -542,6 +555,7 @@ impl JobRuntimeController {
                 since_sweep: AtomicU64::new(0),
                 abandoned: AtomicU64::new(0),
                 hooks: Hooks::new(),
+                metrics: Metrics::new(),
             }),
         }
     }
@@ -692,6 +706,11 @@ impl JobRuntimeController {
         self.inner.closing.is_cancelled()
     }
 
+    /// Cancelled when `shutdown` begins: long-lived helper tasks end on it.
+    pub(crate) fn closing(&self) -> &CancellationToken {
+        &self.inner.closing
+    }
+
     /// Spawns `fut` on the controller's `TaskTracker`, so `shutdown` waits for it.
     pub(crate) fn spawn_tracked<F>(&self, fut: F)
     where
@@ -802,21 +821,30 @@ impl JobRuntimeController {
                 }
                 Overlap::Coalesce => {
                     let slot = o.get();
+                    let flight = downcast::<T>(&slot.flight, &rk)?;
                     slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
-                    (downcast::<T>(&slot.flight, &rk)?, None)
+                    inner.coalesced(&rk, slot.id, &slot.span);
+                    (flight, None)
                 }
                 Overlap::QueueOne => {
                     let slot = o.get_mut();
-                    slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
                     match &slot.queued {
-                        Some(q) => (downcast::<T>(&q.flight, &rk)?, None),
+                        Some(q) => {
+                            let flight = downcast::<T>(&q.flight, &rk)?;
+                            slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
+                            inner.coalesced(&rk, slot.id, &slot.span);
+                            (flight, None)
+                        }
                         None => {
                             downcast::<T>(&slot.flight, &rk)?;
+                            slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
                             let flight = Arc::new(Flight::<T>::new());
+                            let span = inner.run_span(&rk, None, "queued", force);
                             let start = self.starter(&rk, &policy, &slot.record, &flight, f);
                             slot.queued = Some(Queued {
                                 flight: flight.clone(),
                                 start: Some(start),
+                                span,
                                 job: rk.job.clone(),
                                 key: rk.key.clone(),
                             });
@@ -832,14 +860,16 @@ impl JobRuntimeController {
                     let flight = Arc::new(Flight::<T>::new());
                     let run = RunHandle::new();
                     let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                    let span = inner.run_span(&rk, Some(id), "replace", force);
                     slot.id = id;
+                    slot.span = span.clone();
                     slot.run = Arc::clone(&run);
                     slot.flight = flight.clone();
                     slot.queued = None;
                     let record = Arc::clone(&slot.record);
                     (
                         flight.clone(),
-                        Some((id, run, record, flight, f, Some(prev_ended))),
+                        Some((id, run, record, flight, f, Some(prev_ended), span)),
                     )
                 }
             },
@@ -863,17 +893,22 @@ impl JobRuntimeController {
                 let flight = Arc::new(Flight::<T>::new());
                 let run = RunHandle::new();
                 let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                let span = inner.run_span(&rk, Some(id), "start", force);
                 v.insert(Slot {
                     id,
+                    span: span.clone(),
                     run: Arc::clone(&run),
                     flight: flight.clone(),
                     record: Arc::clone(&record),
                     queued: None,
                 });
-                (flight.clone(), Some((id, run, record, flight, f, None)))
+                (
+                    flight.clone(),
+                    Some((id, run, record, flight, f, None, span)),
+                )
             }
         };
-        if let Some((id, run, record, flight, f, prev)) = launch {
+        if let Some((id, run, record, flight, f, prev, span)) = launch {
             let policy = policy.into_owned();
             let run = Inner::run_future(
                 &self.inner,
@@ -885,6 +920,7 @@ impl JobRuntimeController {
                 flight.clone(),
                 f,
                 prev,
+                span,
             );
             Lead {
                 run: Some(run),
@@ -912,9 +948,11 @@ impl JobRuntimeController {
         let inner = Arc::downgrade(&self.inner);
         let (rk, record, flight) = (rk.clone(), Arc::clone(record), Arc::clone(flight));
         let policy = policy.clone();
-        Box::new(move |id, run| {
+        Box::new(move |id, run, span| {
+            span.record("job.run_id", id);
             if let Some(inner) = inner.upgrade() {
-                let run = Inner::run_future(&inner, rk, policy, record, id, run, flight, f, None);
+                let run =
+                    Inner::run_future(&inner, rk, policy, record, id, run, flight, f, None, span);
                 inner.tracker.spawn(run);
             }
         })
@@ -995,9 +1033,10 @@ impl<T: Send + Sync + 'static> Finisher<T> {
                     let run = RunHandle::new();
                     let slot = o.get_mut();
                     slot.id = id;
+                    slot.span = q.span.clone();
                     slot.run = Arc::clone(&run);
                     slot.flight = Arc::clone(&q.flight);
-                    q.start.take().map(|s| (s, id, run))
+                    q.start.take().map(|s| (s, id, run, q.span.clone()))
                 }
                 None => {
                     o.remove();
@@ -1010,8 +1049,8 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         // arrives after the run has ended must start a new run, not join the finished one.
         flight.complete(result);
         self.run.end();
-        if let Some((start, id, run)) = next {
-            start(id, run);
+        if let Some((start, id, run, span)) = next {
+            start(id, run, span);
         }
         self.inner.maybe_sweep();
     }
@@ -1036,6 +1075,15 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
             }
             self.finish(Err(err));
         }
+    }
+}
+
+/// A run holding its lock: one more in the in-flight gauge until it ends (or is dropped).
+struct Active<'a>(&'a Inner, &'a RunKey);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.add(-1, &Metrics::job(&self.1.job));
     }
 }
 
@@ -1119,8 +1167,25 @@ impl Inner {
         }
     }
 
-    /// A refused call (busy, cooling down): offered to the listeners, then returned.
+    /// A refused call (busy, cooling down): counted, shown as an event of the caller's span,
+    /// offered to the listeners, then returned.
     fn skipped(&self, e: JobError) -> JobError {
+        let remaining = match &e {
+            JobError::CoolingDown { job, remaining, .. } => {
+                self.metrics.cooldown_rejections.add(
+                    1,
+                    &[opentelemetry::KeyValue::new(attr::JOB, Arc::clone(job))],
+                );
+                Some(remaining.as_secs_f64() * 1e3)
+            }
+            _ => None,
+        };
+        tracing::info!(
+            job.name = e.job(),
+            job.outcome = e.kind(),
+            job.cooldown_remaining_ms = remaining,
+            "job.skipped"
+        );
         if self.hooks.active() {
             self.hooks.emit(JobEvent {
                 kind: EventKind::Skipped,
@@ -1133,6 +1198,54 @@ impl Inner {
             });
         }
         e
+    }
+
+    /// The `job.run` span of a run (`id` is recorded later for a queued run). Its parent is the
+    /// caller's current span: a request's, or a runtime's `job.trigger`.
+    fn run_span(
+        &self,
+        rk: &RunKey,
+        id: Option<u64>,
+        overlap: &'static str,
+        forced: bool,
+    ) -> tracing::Span {
+        let span = tracing::info_span!(
+            "job.run",
+            job.name = &*rk.job,
+            job.key = Empty,
+            job.run_id = id,
+            job.overlap = overlap,
+            job.forced = forced,
+            job.outcome = Empty,
+            job.attempts = Empty,
+            job.lock_wait_ms = Empty,
+            job.fencing_token = Empty,
+            "error.type" = Empty,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            trace_id = Empty,
+        );
+        if !span.is_disabled() {
+            if let Some(k) = self.config.telemetry_keys.render(&rk.key) {
+                span.record("job.key", k);
+            }
+            #[cfg(feature = "otel")]
+            if let Some(t) = crate::telemetry::trace_id_of(&span) {
+                span.record("trace_id", t);
+            }
+        }
+        span
+    }
+
+    /// A caller joined run `id`: counted, an event of the caller's span and (feature `otel`)
+    /// a link from the caller's span to the run's.
+    fn coalesced(&self, rk: &RunKey, id: u64, run_span: &tracing::Span) {
+        self.metrics.coalesced.add(1, &Metrics::job(&rk.job));
+        tracing::debug!(job.name = &*rk.job, job.run_id = id, "job.coalesced");
+        #[cfg(feature = "otel")]
+        crate::telemetry::link(&tracing::Span::current(), run_span);
+        #[cfg(not(feature = "otel"))]
+        let _ = run_span;
     }
 
     fn unknown_group(&self, rk: &RunKey, group: &str) -> JobError {
@@ -1159,6 +1272,7 @@ impl Inner {
         flight: Arc<Flight<T>>,
         f: F,
         prev_ended: Option<Arc<RunHandle>>,
+        span: tracing::Span,
     ) -> RunFuture
     where
         T: Send + Sync + 'static,
@@ -1173,24 +1287,33 @@ impl Inner {
             record,
             flight: Some(flight),
         };
-        Box::pin(async move {
-            if let Some(prev) = prev_ended {
-                prev.wait_ended().await;
+        Box::pin(
+            async move {
+                if let Some(prev) = prev_ended {
+                    prev.wait_ended().await;
+                }
+                let inner = Arc::clone(&fin.inner);
+                let result = AssertUnwindSafe(inner.pipeline(
+                    &fin.rk,
+                    &policy,
+                    &fin.record,
+                    &fin.run,
+                    id,
+                    &f,
+                ))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| {
+                    Err(JobError::Panicked {
+                        job: fin.rk.job.clone(),
+                        key: fin.rk.key.clone(),
+                        message: format!("inside the runtime: {}", panic_message(&*p)),
+                    })
+                });
+                fin.finish(result);
             }
-            let inner = Arc::clone(&fin.inner);
-            let result =
-                AssertUnwindSafe(inner.pipeline(&fin.rk, &policy, &fin.record, &fin.run, id, &f))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|p| {
-                        Err(JobError::Panicked {
-                            job: fin.rk.job.clone(),
-                            key: fin.rk.key.clone(),
-                            message: format!("inside the runtime: {}", panic_message(&*p)),
-                        })
-                    });
-            fin.finish(result);
-        })
+            .instrument(span),
+        )
     }
 
     async fn lock(
@@ -1330,11 +1453,37 @@ impl Inner {
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
         // 3. lock
+        let waits = !policy.lock_wait.is_zero() || self.coord.is_some();
+        let admitted = waits.then(Instant::now);
         let held = match self.lock(rk, policy, run).await {
             Ok(h) => h,
-            Err(e) => return Err(e),
+            Err(e) => {
+                let span = tracing::Span::current();
+                span.record("job.outcome", e.kind());
+                self.metrics.runs.add(
+                    1,
+                    &[
+                        opentelemetry::KeyValue::new(attr::JOB, Arc::clone(&rk.job)),
+                        opentelemetry::KeyValue::new(attr::OUTCOME, e.kind()),
+                    ],
+                );
+                return Err(e);
+            }
         };
         let started = Instant::now();
+        let lock_wait = admitted.map_or(Duration::ZERO, |a| started - a);
+        self.metrics
+            .lock_wait
+            .record(lock_wait.as_secs_f64(), &Metrics::job(&rk.job));
+        self.metrics.in_flight.add(1, &Metrics::job(&rk.job));
+        let active = Active(self, rk);
+        {
+            let span = tracing::Span::current();
+            if !span.is_disabled() {
+                span.record("job.lock_wait_ms", lock_wait.as_secs_f64() * 1e3);
+                span.record("job.fencing_token", held.token());
+            }
+        }
         {
             let mut d = record.data();
             d.running = true;
@@ -1361,6 +1510,14 @@ impl Inner {
             tracing::warn!(job = %rk.job, key = %rk.key, error = %e, "could not record the cooldown on the backend");
         }
         self.record_outcome(record, policy.cooldown, started, ended, &result);
+        drop(active);
+        let outcome = result.as_ref().map_or_else(|e| e.kind(), |_| "success");
+        self.metrics.run_ended(&rk.job, outcome, ended - started);
+        let span = tracing::Span::current();
+        span.record("job.outcome", outcome);
+        if let Err(e) = &result {
+            crate::telemetry::record_error(&span, e);
+        }
         let kind = if result.is_ok() {
             EventKind::Succeeded
         } else {
@@ -1396,6 +1553,7 @@ impl Inner {
                 d.failures += 1;
                 d.last_error = Some(e.to_string());
                 d.last_error_kind = Some(e.kind());
+                d.last_error_trace_id = crate::telemetry::current_trace_id();
             }
         }
     }
@@ -1456,11 +1614,14 @@ impl Inner {
                 tokio::pin!(acquire);
                 match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
                     Poll::Ready(p) => p,
-                    Poll::Pending => tokio::select! {
+                    Poll::Pending => {
+                        self.metrics.limit_waits.add(1, &Metrics::job(&rk.job));
+                        tokio::select! {
                         biased;
                         _ = run.token.cancelled() => return Err(cancelled()),
                         p = &mut acquire => p,
-                    },
+                        }
+                    }
                 }
             };
             let permits = match permits {
@@ -1491,11 +1652,26 @@ impl Inner {
                 d.stuck_for = None;
             }
             let stuck = policy.heartbeat_timeout.map(|t| watchdog(record, t));
-            let end = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx))) {
+            // The job's own spans (and the future's) are children of this attempt's span.
+            let aspan = tracing::info_span!(
+                "job.attempt",
+                job.name = &*rk.job,
+                job.attempt = attempt,
+                job.outcome = Empty,
+                job.retry_in_ms = Empty,
+                job.scan_id = Empty,
+                job.items_changed = Empty,
+                "error.type" = Empty,
+                otel.status_code = Empty,
+                otel.status_description = Empty,
+            );
+            tracing::Span::current().record("job.attempts", attempt);
+            let end = match std::panic::catch_unwind(AssertUnwindSafe(|| aspan.in_scope(|| f(ctx))))
+            {
                 Err(p) => AttemptEnd::Done(Err(p)),
                 Ok(fut) => {
                     run_bounded(
-                        AssertUnwindSafe(fut).catch_unwind(),
+                        AssertUnwindSafe(fut.instrument(aspan.clone())).catch_unwind(),
                         bound,
                         stuck,
                         &token,
@@ -1506,8 +1682,8 @@ impl Inner {
                 }
             };
             drop(permits);
-            let (err, decision) = match end {
-                AttemptEnd::Done(Ok(Ok(v))) => return Ok(Arc::new(v)),
+            let step: Result<(JobError, Decision), Shared<T>> = match end {
+                AttemptEnd::Done(Ok(Ok(v))) => Err(Ok(Arc::new(v))),
                 AttemptEnd::Done(Ok(Err(e))) => {
                     let decision = policy.retry.classify(&e, attempt);
                     let err = JobError::Failed {
@@ -1515,17 +1691,15 @@ impl Inner {
                         key: rk.key.clone(),
                         source: e.source_error().clone(),
                     };
-                    (err, decision)
+                    Ok((err, decision))
                 }
-                AttemptEnd::Done(Err(p)) => {
-                    return Err(JobError::Panicked {
-                        job: rk.job.clone(),
-                        key: rk.key.clone(),
-                        message: panic_message(&*p),
-                    });
-                }
+                AttemptEnd::Done(Err(p)) => Err(Err(JobError::Panicked {
+                    job: rk.job.clone(),
+                    key: rk.key.clone(),
+                    message: panic_message(&*p),
+                })),
                 AttemptEnd::TimedOut(Limit::Budget) | AttemptEnd::Abandoned(Limit::Budget) => {
-                    return Err(budget_exceeded(last));
+                    Err(Err(budget_exceeded(last.take())))
                 }
                 AttemptEnd::TimedOut(Limit::Heartbeat)
                 | AttemptEnd::Abandoned(Limit::Heartbeat) => {
@@ -1539,7 +1713,7 @@ impl Inner {
                         timeout,
                     };
                     self.event(EventKind::Stuck, rk, attempt, None, Some(err.clone()));
-                    return Err(err);
+                    Err(Err(err))
                 }
                 AttemptEnd::TimedOut(Limit::Attempt) | AttemptEnd::Abandoned(Limit::Attempt) => {
                     let timeout = policy.attempt_timeout.unwrap_or_default();
@@ -1549,14 +1723,24 @@ impl Inner {
                         attempt,
                         timeout,
                     };
-                    (err, Decision::Retry)
+                    Ok((err, Decision::Retry))
                 }
                 AttemptEnd::Cancelled { abandoned } => {
                     if abandoned {
                         self.abandoned.fetch_add(1, Ordering::Relaxed);
                     }
-                    return Err(cancelled());
+                    Err(Err(cancelled()))
                 }
+            };
+            match &step {
+                Err(Ok(_)) => {
+                    aspan.record("job.outcome", "success");
+                }
+                Err(Err(e)) | Ok((e, _)) => crate::telemetry::record_error(&aspan, e),
+            }
+            let (err, decision) = match step {
+                Ok(x) => x,
+                Err(r) => return r,
             };
             if decision == Decision::Abort || attempt >= max {
                 if attempt == 1 {
@@ -1578,6 +1762,8 @@ impl Inner {
                 return Err(budget_exceeded(Some(err)));
             }
             record.data().retries += 1;
+            self.metrics.retries.add(1, &Metrics::job(&rk.job));
+            aspan.record("job.retry_in_ms", delay.as_secs_f64() * 1e3);
             self.event(EventKind::Retried, rk, attempt, None, Some(err.clone()));
             tokio::select! {
                 biased;

@@ -372,6 +372,12 @@ impl JobContext {
     pub fn wall_now(&self) -> SystemTime {
         self.clock.wall_now()
     }
+    /// The trace id (32 hex digits) of the span the job is running in — its `job.attempt`
+    /// span or a child of it — for the job's own logs. `None` without feature `otel` or when
+    /// no OpenTelemetry layer is installed.
+    pub fn trace_id(&self) -> Option<String> {
+        crate::telemetry::current_trace_id()
+    }
 }
 
 /// A job as a plugin: a name, a policy, and a body.

@@ -32,6 +32,8 @@
 )]
 
 pub mod budget;
+#[cfg(feature = "tokio-cron-scheduler")]
+pub mod compat;
 pub mod config;
 pub mod controller;
 pub mod cooldown;
@@ -47,6 +49,7 @@ pub mod runtime;
 pub mod scan;
 pub mod schedule;
 pub mod snapshot;
+pub mod telemetry;
 pub mod time;
 
 pub use config::RuntimeConfig;

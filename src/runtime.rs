@@ -58,11 +58,13 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::controller::{JobRuntimeController, KeyStatus};
 use crate::error::{CancelReason, JobError};
 use crate::job::{Job, JobContext};
 use crate::schedule::{ClockReading, Planner, Schedule, Trigger};
+use crate::time::Instant;
 
 type Fire = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
 
@@ -328,19 +330,20 @@ impl Runtime {
     /// Starts every trigger's timer task. Must be called inside a tokio runtime.
     pub fn start(self) -> RuntimeHandle {
         let now = ClockReading::of(self.ctl.clock());
-        let triggers: Vec<_> = self
+        let (triggers, schedules): (Vec<_>, Vec<_>) = self
             .triggers
             .into_iter()
-            .map(|(t, _)| {
-                Arc::new(TriggerState {
+            .map(|(t, schedule)| {
+                let state = Arc::new(TriggerState {
                     job: Arc::clone(&self.jobs[&t.job]),
                     key: t.key,
                     trigger: t.trigger,
                     next_fire: Mutex::new(None),
                     counts: Counts::default(),
-                })
+                });
+                (state, schedule)
             })
-            .collect();
+            .unzip();
         let inner = Arc::new(Inner {
             ctl: self.ctl,
             jobs: self.jobs,
@@ -349,20 +352,26 @@ impl Runtime {
             timers: TaskTracker::new(),
             outcomes: Outcomes::default(),
         });
-        for t in &inner.triggers {
-            // Validated in `build`; anchored now. (A cron whose last year ran out between
-            // `build` and `start` never fires: its status shows no next fire.)
-            let schedule = match Schedule::new(&t.trigger, now.wall) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(job = %t.job.name, key = %t.key, error = %e, "trigger not started");
-                    continue;
+        for (t, schedule) in inner.triggers.iter().zip(schedules) {
+            // Validated in `build`. An interval is anchored anew, now; a cron schedule does not
+            // depend on its anchor, so the one `build` parsed is kept (parsing is most of what
+            // registering a cron trigger costs). A cron whose last year ran out between `build`
+            // and `start` never fires: its status shows no next fire.
+            let schedule = if schedule.compiled().is_elapsed_time() {
+                match Schedule::new(&t.trigger, now.wall) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(job = %t.job.name, key = %t.key, error = %e, "trigger not started");
+                        continue;
+                    }
                 }
+            } else {
+                schedule
             };
             let planner = Planner::new(schedule, now);
             inner
                 .timers
-                .spawn(timer(Arc::clone(&inner), Arc::clone(t), planner));
+                .spawn(timer(Arc::clone(&inner), Arc::clone(t), planner, now.mono));
         }
         RuntimeHandle { inner }
     }
@@ -371,8 +380,17 @@ impl Runtime {
 /// The longest a timer sleeps without looking at the clocks (to notice wall-clock jumps).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
-/// The timer loop of one trigger.
-async fn timer(inner: Arc<Inner>, t: Arc<TriggerState>, mut planner: Planner) {
+/// The timer loop of one trigger; `start` is the monotonic time the planner was made at.
+///
+/// One cancellation waiter and one timer entry serve the task's whole life: making them anew
+/// for every fire would register with the stop token (a lock every timer shares) and create a
+/// timer entry each time, which adds up when thousands of triggers are due at once.
+async fn timer(inner: Arc<Inner>, t: Arc<TriggerState>, mut planner: Planner, start: Instant) {
+    let stopped = inner.stop.cancelled();
+    tokio::pin!(stopped);
+    let sleep = tokio::time::sleep_until(start);
+    tokio::pin!(sleep);
+    let mut last = start;
     loop {
         *lock(&t.next_fire) = planner.next_fire();
         let Some(at) = planner.deadline() else {
@@ -380,13 +398,16 @@ async fn timer(inner: Arc<Inner>, t: Arc<TriggerState>, mut planner: Planner) {
             return;
         };
         // A wall-clock jump is only seen on waking: wake at least once a minute to look.
-        let cap = crate::time::add_saturating(tokio::time::Instant::now(), MAX_SLEEP);
+        let cap = crate::time::add_saturating(last, MAX_SLEEP);
+        sleep.as_mut().reset(at.min(cap));
         tokio::select! {
             biased;
-            _ = inner.stop.cancelled() => return,
-            _ = tokio::time::sleep_until(at.min(cap)) => {}
+            _ = &mut stopped => return,
+            _ = &mut sleep => {}
         }
-        let plan = planner.wake(ClockReading::of(inner.ctl.clock()));
+        let now = ClockReading::of(inner.ctl.clock());
+        last = now.mono;
+        let plan = planner.wake(now);
         if plan.misfired() {
             t.counts.misfires.fetch_add(1, Ordering::Relaxed);
         }
@@ -398,15 +419,63 @@ async fn timer(inner: Arc<Inner>, t: Arc<TriggerState>, mut planner: Planner) {
         }
         for _ in 0..plan.fires() {
             t.counts.fires.fetch_add(1, Ordering::Relaxed);
+            // A root span per fire: the run's `job.run` span is its child.
+            let span = trigger_span(&inner, &t.job.name, &t.key, t.trigger.kind_name(), None);
+            if !span.is_disabled() {
+                span.record("job.misfired", plan.misfired());
+            }
             let fire = (t.job.fire)(&inner.ctl, &t.key, false);
             let inner2 = Arc::clone(&inner);
             // The run is offered, not awaited: the loop never waits for a job.
-            inner.ctl.spawn_tracked(async move {
-                let r = fire.await;
-                inner2.outcomes.count(&r);
-            });
+            inner.ctl.spawn_tracked(
+                async move {
+                    let r = fire.await;
+                    inner2.outcomes.count(&r);
+                    crate::telemetry::record_outcome(&r);
+                }
+                .instrument(span),
+            );
         }
     }
+}
+
+/// The `job.trigger` span of one fire: a root span for a timer's fire, a child of the caller's
+/// span for a manual one (`parent` = the current span).
+fn trigger_span(
+    inner: &Inner,
+    job: &str,
+    key: &str,
+    kind: &'static str,
+    parent: Option<&tracing::Span>,
+) -> tracing::Span {
+    let span = match parent {
+        None => tracing::info_span!(
+            parent: None,
+            "job.trigger",
+            job.name = job,
+            job.key = tracing::field::Empty,
+            job.trigger = kind,
+            job.misfired = tracing::field::Empty,
+            job.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        ),
+        Some(p) => tracing::info_span!(
+            parent: p,
+            "job.trigger",
+            job.name = job,
+            job.key = tracing::field::Empty,
+            job.trigger = kind,
+            job.misfired = tracing::field::Empty,
+            job.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        ),
+    };
+    if !span.is_disabled()
+        && let Some(k) = inner.ctl.config().telemetry_keys.render(key)
+    {
+        span.record("job.key", k);
+    }
+    span
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -451,8 +520,19 @@ impl RuntimeHandle {
             });
         }
         let e = self.entry(job)?;
-        let r = (e.fire)(&self.inner.ctl, key, force).await;
+        let span = trigger_span(
+            &self.inner,
+            job,
+            key,
+            "manual",
+            Some(&tracing::Span::current()),
+        );
+        let r = (e.fire)(&self.inner.ctl, key, force)
+            .instrument(span.clone())
+            .await;
         self.inner.outcomes.count(&r);
+        let _in = span.enter();
+        crate::telemetry::record_outcome(&r);
         r
     }
 

@@ -1407,6 +1407,7 @@ fn docs_tables_list_exactly_the_variables_the_code_reads() {
             "JOBRT_RATE_LIMIT",
             "JOBRT_STATUS_RETENTION",
             "JOBRT_SNAPSHOT_DIR",
+            "JOBRT_TELEMETRY_KEYS",
             "JOBRT_GROUP_DOCS_CONCURRENCY",
             "JOBRT_GROUP_DOCS_RATE_LIMIT",
         ]
@@ -1492,4 +1493,22 @@ fn docs_quote_the_real_messages() {
     assert_eq!(policy.cooldown().span(true), Duration::from_secs(30));
     assert_eq!(policy.group(), Some("DB"));
     let _ctl = JobRuntimeController::new(cfg);
+}
+
+#[test]
+fn telemetry_keys_mode_is_read_and_a_bad_one_named() {
+    use job_runtime::telemetry::KeyAttribute;
+    assert_eq!(
+        RuntimeConfig::default().telemetry_keys,
+        KeyAttribute::Hashed
+    );
+    let cfg = RuntimeConfig::from_env_with([("JOBRT_TELEMETRY_KEYS", "RAW")]).unwrap();
+    assert_eq!(cfg.telemetry_keys, KeyAttribute::Raw);
+    let err = RuntimeConfig::from_env_with([("JOBRT_TELEMETRY_KEYS", "sha256")]).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("JOBRT_TELEMETRY_KEYS"), "{msg}");
+    assert!(
+        msg.contains("sha256") && msg.contains("off, hashed, raw"),
+        "{msg}"
+    );
 }

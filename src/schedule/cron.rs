@@ -59,6 +59,13 @@ impl CronSchedule {
     /// has run out, or past the year 4999, croner's limit).
     pub(crate) fn next_after(&self, after: Nanos) -> Option<Nanos> {
         let at = DateTime::from_timestamp(floor_secs(after), 0)?.naive_utc();
+        if self.zone == Tz::UTC {
+            // No offset and no daylight saving: the civil time is the instant, and the first
+            // match after the whole second `at` is after `after`. A timer asks this once per
+            // fire; skipping the zone lookups saves about a third of it.
+            let t = self.cron.find_next_occurrence(&at, false).ok()?;
+            return Some(i128::from(t.and_utc().timestamp()) * NANOS_PER_SEC);
+        }
         let mut from = self.high_water(at);
         // `fire` is monotonic and `from` is the exact high-water mark, so the first candidate
         // is the answer; the loop only guards against a zone with back-to-back transitions.

@@ -68,6 +68,17 @@ pub struct Trigger {
     pub(crate) grace: Duration,
 }
 
+impl Trigger {
+    /// `interval` or `cron`: the `job.trigger` attribute of the fires' spans.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Every(_) => "interval",
+            #[cfg(feature = "cron")]
+            Kind::Cron(_) => "cron",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Kind {
     Every(Duration),

@@ -1,0 +1,314 @@
+//! Shared pieces: runtimes, the plugin every scheduler fires, a lock-free recorder of fire
+//! times, lateness statistics, a counting allocator, process CPU time, and the summary table
+//! printed at the end of the run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use job_runtime::{Job, JobContext, RunError};
+use tokio::runtime::Runtime;
+
+// ---------------------------------------------------------------------------------------------
+// Runtimes
+
+/// A work-stealing runtime with `workers` threads (two: the machine's cores).
+pub(crate) fn multi_thread(workers: usize) -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A single-threaded runtime.
+pub(crate) fn current_thread() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plugin
+
+/// A plugin that records the wall time its body starts at: what a fire's lateness is measured
+/// from, the same way for every scheduler.
+pub(crate) struct Probe {
+    pub(crate) name: String,
+    pub(crate) rec: &'static Recorder,
+}
+
+impl Job for Probe {
+    type Output = ();
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn run(&self, _ctx: JobContext) -> Result<(), RunError> {
+        self.rec.record();
+        Ok(())
+    }
+}
+
+/// Job names `job0`, `job1`, … (one plugin per scheduled job, as tokio-cron-scheduler has one
+/// `Job` per schedule).
+pub(crate) fn job_name(i: usize) -> String {
+    format!("job{i}")
+}
+
+/// A cron expression (UTC) whose next fire is between one and two hours away, for
+/// registrations that must not fire while measured.
+pub(crate) fn far_cron() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let hour = (secs / 3600 + 2) % 24;
+    format!("0 0 {hour} * * *")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fire times
+
+/// Wall-clock times of fires (nanoseconds since the epoch), in a fixed array written with one
+/// `fetch_add` and one store per fire, so recording costs every scheduler the same few
+/// nanoseconds and no lock.
+pub(crate) struct Recorder {
+    next: AtomicUsize,
+    times: Box<[AtomicU64]>,
+}
+
+impl Recorder {
+    /// A recorder for up to `capacity` fires, leaked: job closures need `'static`.
+    pub(crate) fn leak(capacity: usize) -> &'static Recorder {
+        Box::leak(Box::new(Recorder {
+            next: AtomicUsize::new(0),
+            times: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+        }))
+    }
+
+    /// Records a fire now.
+    pub(crate) fn record(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.times.get(i) {
+            slot.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Fires recorded (including any past capacity).
+    pub(crate) fn count(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// The recorded fires as (scheduled second, lateness in ns), each fire attributed to the
+    /// whole second it follows. A fire within 1 ms *before* a whole second is attributed to
+    /// that second with a negative lateness (no scheduler here should fire early; a negative
+    /// value would show it). A fire more than a second late would alias to the next second:
+    /// the fire counts per second show it as a missing fire there.
+    pub(crate) fn fires(&self) -> Vec<(u64, i64)> {
+        let n = self.count().min(self.times.len());
+        self.times[..n]
+            .iter()
+            .map(|t| {
+                let t = t.load(Ordering::Relaxed);
+                let (sec, sub) = (t / 1_000_000_000, (t % 1_000_000_000) as i64);
+                if sub >= 999_000_000 {
+                    (sec + 1, sub - 1_000_000_000)
+                } else {
+                    (sec, sub)
+                }
+            })
+            .collect()
+    }
+}
+
+/// The current wall time in whole seconds since the epoch, rounded up.
+pub(crate) fn next_whole_second() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970");
+    d.as_secs() + 1
+}
+
+/// Sleeps (tokio) until the wall clock shows `sec` (seconds since the epoch) plus `extra`.
+pub(crate) async fn sleep_until_wall(sec: u64, extra: Duration) {
+    let target = UNIX_EPOCH + Duration::from_secs(sec) + extra;
+    if let Ok(d) = target.duration_since(SystemTime::now()) {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// Lateness over the fires scheduled in the seconds `[first, first + secs)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lateness {
+    pub(crate) fires: usize,
+    pub(crate) fires_per_sec: f64,
+    /// The fewest fires in one of the seconds.
+    pub(crate) min_per_sec: usize,
+    pub(crate) median: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) max: Duration,
+    /// Fires before their second (should be 0).
+    pub(crate) early: usize,
+    /// Process CPU time (all threads) over the window.
+    pub(crate) cpu: Duration,
+}
+
+impl Lateness {
+    /// Process CPU time over the window per fire in it, in µs.
+    pub(crate) fn cpu_per_fire_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.fires.max(1) as f64
+    }
+}
+
+pub(crate) fn lateness(rec: &Recorder, first: u64, secs: u64) -> Lateness {
+    let fires: Vec<(u64, i64)> = rec
+        .fires()
+        .into_iter()
+        .filter(|&(s, _)| s >= first && s < first + secs)
+        .collect();
+    let mut per_sec = vec![0usize; secs as usize];
+    for &(s, _) in &fires {
+        per_sec[(s - first) as usize] += 1;
+    }
+    let early = fires.iter().filter(|&&(_, l)| l < 0).count();
+    let mut late: Vec<u64> = fires.iter().map(|&(_, l)| l.max(0) as u64).collect();
+    late.sort_unstable();
+    let pick = |q: f64| -> Duration {
+        if late.is_empty() {
+            return Duration::ZERO;
+        }
+        // Nearest rank.
+        let rank = ((q * late.len() as f64).ceil() as usize).clamp(1, late.len());
+        Duration::from_nanos(late[rank - 1])
+    };
+    Lateness {
+        fires: fires.len(),
+        fires_per_sec: fires.len() as f64 / secs as f64,
+        min_per_sec: per_sec.iter().copied().min().unwrap_or(0),
+        median: pick(0.5),
+        p99: pick(0.99),
+        max: late
+            .last()
+            .map_or(Duration::ZERO, |&n| Duration::from_nanos(n)),
+        early,
+        cpu: Duration::ZERO,
+    }
+}
+
+/// `d` in milliseconds with three decimals.
+pub(crate) fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Heap
+
+/// Counts live heap bytes while `COUNTING` is on (one relaxed load per call otherwise), for
+/// bytes per registered job; off for every timed part.
+struct CountingAlloc;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn count(delta: isize) {
+    if COUNTING.load(Ordering::Relaxed) {
+        LIVE.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only a counter is added.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count(-(layout.size() as isize));
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            count(new_size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+/// Starts counting live heap bytes from zero.
+pub(crate) fn start_counting() {
+    LIVE.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+}
+
+/// Live heap bytes allocated since `start_counting` (net of frees).
+pub(crate) fn live_bytes() -> isize {
+    LIVE.load(Ordering::SeqCst)
+}
+
+/// Stops counting.
+pub(crate) fn stop_counting() {
+    COUNTING.store(false, Ordering::SeqCst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU
+
+/// User + system CPU time of the whole process so far (every thread, exited ones included).
+pub(crate) fn cpu_time() -> Duration {
+    // SAFETY: `getrusage` only writes the struct we pass; zeroed is a valid `rusage`.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a `rusage` and a valid `who`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    assert_eq!(rc, 0, "getrusage failed");
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Summary
+
+static SUMMARY: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Adds a row (already formatted as a Markdown table row) to the summary.
+pub(crate) fn summary_row(row: String) {
+    println!("{row}");
+    SUMMARY.lock().unwrap_or_else(|p| p.into_inner()).push(row);
+}
+
+/// Prints the summary table; registered as the last criterion target.
+pub(crate) fn print_summary(_c: &mut criterion::Criterion) {
+    let rows = SUMMARY.lock().unwrap_or_else(|p| p.into_inner());
+    println!();
+    println!("scheduler summary (registration times: see criterion's `register/*` above)");
+    println!("| measurement | scheduler | result |");
+    println!("|---|---|---|");
+    for r in rows.iter() {
+        println!("{r}");
+    }
+}
