@@ -81,7 +81,7 @@ async fn fresh_reads_return_at_once_and_stale_reads_start_exactly_one_refresh() 
     tokio::time::sleep(secs(30)).await;
     let fresh = store.get().await.unwrap();
     assert_eq!(
-        (*fresh.data, fresh.age, fresh.is_stale),
+        (*fresh.data, fresh.age(), fresh.is_stale),
         (1, secs(30), false)
     );
     assert!(Arc::ptr_eq(&first.data, &fresh.data), "one value shared");
@@ -93,7 +93,7 @@ async fn fresh_reads_return_at_once_and_stale_reads_start_exactly_one_refresh() 
     for r in &reads {
         let s = r.as_ref().unwrap();
         assert_eq!((*s.data, s.scan_id, s.is_stale), (1, 1, true));
-        assert_eq!(s.age, secs(61));
+        assert_eq!(s.age(), secs(61));
     }
     yield_until("the refresh ran", 100, || {
         store.peek().is_some_and(|s| s.scan_id == 2)
@@ -383,6 +383,222 @@ fn unsafe_store_names_are_refused_at_build_time() {
         0,
         "nothing created"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// How freshness is decided: the store's task marks values certainly fresh or stale between the
+// instants where that changes, and readers near those instants read the clock. Exact either way.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_read_at_exactly_ttl_is_stale_and_one_just_before_is_fresh() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let src = Counter {
+        delay: Some(secs(100)),
+        ..Counter::default()
+    };
+    let store = memory_store(&ctl, &src, secs(60));
+    store.get().await.unwrap();
+    let ms = Duration::from_millis(1);
+    for (at, stale) in [
+        (secs(1), false),
+        (secs(59), false),
+        (secs(60) - ms, false),
+        (secs(60), true),
+    ] {
+        let since = store.peek().unwrap().age();
+        tokio::time::sleep(at - since).await;
+        let s = store.get().await.unwrap();
+        assert_eq!((s.age(), s.is_stale), (at, stale), "read at {at:?}");
+    }
+    yield_until("the refresh started", 100, || src.calls() == 2).await;
+    assert!(store.is_refreshing());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_at_max_stale_waits_and_one_just_before_does_not() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let src = Counter {
+        delay: Some(secs(2)),
+        ..Counter::default()
+    };
+    let store = SnapshotStore::builder("s")
+        .ttl(secs(10))
+        .max_stale(secs(60))
+        .max_stale_wait(secs(5))
+        .in_memory()
+        .build(&ctl, src.plugin())
+        .unwrap();
+    store.get().await.unwrap();
+    let ms = Duration::from_millis(1);
+    tokio::time::sleep(secs(60) - ms).await;
+    let t = tokio::time::Instant::now();
+    let s = store.get().await.unwrap();
+    assert_eq!(
+        (*s.data, s.is_stale, t.elapsed()),
+        (1, true, Duration::ZERO)
+    );
+    // That read started the 2 s refresh; a read at max_stale joins it and waits.
+    tokio::time::sleep(ms).await;
+    let t = tokio::time::Instant::now();
+    let s = store.get().await.unwrap();
+    assert_eq!((*s.data, s.is_stale), (2, false));
+    assert_eq!(t.elapsed(), secs(2) - ms);
+    assert_eq!(src.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalidate_while_the_value_is_certainly_fresh() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let src = Counter {
+        delay: Some(secs(1)),
+        ..Counter::default()
+    };
+    let store = memory_store(&ctl, &src, secs(3600));
+    store.get().await.unwrap();
+    // Well inside the ttl: the store's task has marked the value fresh by now.
+    tokio::time::sleep(secs(30)).await;
+    assert!(!store.get().await.unwrap().is_stale);
+    store.invalidate();
+    assert!(store.peek().unwrap().is_stale);
+    let s = store.get().await.unwrap();
+    assert_eq!((*s.data, s.is_stale), (1, true), "answered with the value");
+    assert!(store.is_refreshing(), "and a refresh started");
+    for _ in 0..100 {
+        assert!(store.get().await.unwrap().is_stale);
+    }
+    tokio::time::sleep(secs(1)).await;
+    yield_until("refreshed", 100, || {
+        store.peek().is_some_and(|s| s.scan_id == 2)
+    })
+    .await;
+    assert_eq!(src.calls(), 2, "one refresh");
+    tokio::time::sleep(secs(30)).await;
+    let s = store.get().await.unwrap();
+    assert_eq!((*s.data, s.is_stale), (2, false), "the new value is fresh");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_is_not_held_up_by_a_store_timer_and_reads_go_on_after_it() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let src = Counter::default();
+    let store = memory_store(&ctl, &src, secs(3600));
+    store.get().await.unwrap();
+    tokio::time::sleep(secs(1)).await;
+    assert!(!store.get().await.unwrap().is_stale);
+    // The store's task sleeps until just before the ttl; shutdown does not wait for it (nor
+    // for the grace period).
+    let t = tokio::time::Instant::now();
+    assert!(ctl.shutdown(secs(30)).await, "clean");
+    assert_eq!(t.elapsed(), Duration::ZERO);
+    // Reads go on, decided by the clock: fresh, then stale at the ttl, and nothing starts.
+    let s = store.get().await.unwrap();
+    assert_eq!((*s.data, s.is_stale), (1, false));
+    tokio::time::sleep(secs(3599)).await;
+    let s = store.get().await.unwrap();
+    assert_eq!((*s.data, s.is_stale, s.age()), (1, true, secs(3600)));
+    assert!(!store.is_refreshing());
+    assert_eq!(src.calls(), 1);
+}
+
+#[test]
+fn a_store_loaded_from_disk_outside_a_runtime_answers_exactly() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let src = Counter::default();
+    {
+        let rt = paused();
+        let ctl = rt.block_on(async { JobRuntimeController::new(RuntimeConfig::default()) });
+        rt.block_on(disk_store(&ctl, &src, dir.path()).get())
+            .unwrap();
+    }
+    // Built at start-up, before any runtime: no task can start; reads decide by the clock.
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let store = disk_store(&ctl, &src, dir.path());
+    let s = store.get().now_or_never().expect("at once").unwrap();
+    assert_eq!((*s.data, s.source, s.is_stale), (1, Origin::Disk, false));
+    assert!(s.age() < secs(60));
+
+    let rt = paused();
+    rt.block_on(async {
+        // The file's age at load plus paused time: exact from here on. (`advance`, not
+        // `sleep`: the age is not a whole number of milliseconds, and sleeps end on a tick.)
+        let since = store.peek().unwrap().age();
+        let ms = Duration::from_millis(1);
+        tokio::time::advance(secs(60) - since - ms).await;
+        assert!(!store.get().await.unwrap().is_stale, "just before the ttl");
+        tokio::time::advance(ms).await;
+        let s = store.get().await.unwrap();
+        assert_eq!((*s.data, s.is_stale, s.age()), (1, true, secs(60)));
+        yield_until("refreshed", 100, || {
+            store.peek().is_some_and(|s| s.scan_id == 2)
+        })
+        .await;
+        assert!(!store.get().await.unwrap().is_stale);
+    });
+    assert_eq!(src.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_stale_readers_start_one_refresh() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let gate = Gate::new();
+    let calls = Arc::new(AtomicU64::new(0));
+    let store = {
+        let (gate, calls) = (gate.clone(), Arc::clone(&calls));
+        SnapshotStore::builder("s")
+            .ttl(Duration::from_millis(50))
+            .in_memory()
+            .build(
+                &ctl,
+                RefreshPlugin::new(move |_ctx| {
+                    let (gate, n) = (gate.clone(), calls.fetch_add(1, Ordering::SeqCst) + 1);
+                    async move {
+                        // The refresh (call 2) waits until every reader has read.
+                        if n > 1 {
+                            gate.wait().await;
+                        }
+                        Ok(n)
+                    }
+                }),
+            )
+            .unwrap()
+    };
+    store.get().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let readers: Vec<_> = (0..1000)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.get().await })
+        })
+        .collect();
+    for r in readers {
+        let s = r.await.unwrap().unwrap();
+        assert_eq!((*s.data, s.scan_id, s.is_stale), (1, 1, true));
+    }
+    support::wait_until("the refresh started", secs(10), || {
+        calls.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert!(store.is_refreshing());
+    gate.open();
+    support::wait_until("refreshed", secs(10), || {
+        store.peek().is_some_and(|s| s.scan_id == 2)
+    })
+    .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "1,000 stale readers, one refresh"
+    );
+    assert!(!store.get().await.unwrap().is_stale);
 }
 
 // ---------------------------------------------------------------------------------------------
