@@ -94,6 +94,11 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Res<Checks> {
     let started = Instant::now();
     println!("job-runtime · achievements demo");
+    // With feature `otel` and OTEL_EXPORTER_OTLP_ENDPOINT set, the demo's spans and metrics go
+    // to that collector (see docs/observability.md). Before the controllers are made: their
+    // metric instruments come from the meter provider installed here.
+    #[cfg(feature = "otel")]
+    let mut otel = otel_from_env()?;
     let mut demo = Demo::prepare(&args).await?;
     let service = demo.start()?;
     let cold = demo.cold_scan(&service).await?;
@@ -110,6 +115,15 @@ async fn run(args: Args) -> Res<Checks> {
         drop(t);
         println!("\nPut the {n} touched sessions back as they were.");
     }
+    #[cfg(feature = "otel")]
+    if let Some(otel) = otel.as_mut() {
+        let _ = otel.shutdown(Duration::from_secs(5)).await;
+        println!(
+            "\nTelemetry: {} spans exported, {} dropped.",
+            otel.exported_spans(),
+            otel.dropped_spans()
+        );
+    }
     println!(
         "{} checks passed, {} failed, in {}.",
         demo.checks.passed,
@@ -117,6 +131,24 @@ async fn run(args: Args) -> Res<Checks> {
         dur(started.elapsed())
     );
     Ok(demo.checks)
+}
+
+/// OpenTelemetry export when OTEL_EXPORTER_OTLP_ENDPOINT is set: the guard, after installing
+/// a global subscriber with the OpenTelemetry layer (a binary may; the library never does).
+#[cfg(feature = "otel")]
+fn otel_from_env() -> Res<Option<job_runtime::telemetry::Telemetry>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+        return Ok(None);
+    }
+    let otel = job_runtime::telemetry::init_from_env()?;
+    let subscriber = tracing_subscriber::registry().with(otel.layer());
+    tracing::subscriber::set_global_default(subscriber)?;
+    println!(
+        "Exporting spans and metrics to {}.",
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default()
+    );
+    Ok(Some(otel))
 }
 
 /// What a service holds: a controller and the store.
@@ -426,7 +458,7 @@ impl Demo {
             dur(first_answer),
             snap.scan_id,
             snap.source,
-            dur(snap.age),
+            dur(snap.age()),
             show(&file),
             file_len as f64 / 1e3,
         );

@@ -706,6 +706,11 @@ impl JobRuntimeController {
         self.inner.closing.is_cancelled()
     }
 
+    /// The controller's metric instruments (for the snapshot stores built on it).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// Cancelled when `shutdown` begins: long-lived helper tasks end on it.
     pub(crate) fn closing(&self) -> &CancellationToken {
         &self.inner.closing

@@ -15,10 +15,11 @@ mod otlp;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use job_runtime::runtime::Runtime;
+use job_runtime::snapshot::{RefreshPlugin, SnapshotStore};
 use job_runtime::telemetry::{self, KeyAttribute, Telemetry, metric};
 use job_runtime::{
     Job, JobContext, JobError, JobPolicy, JobRuntimeController, RetryPolicy, RunError,
@@ -188,6 +189,40 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
     let panic_status = ctl.status("panics", "k").expect("status");
     drop(request);
 
+    // 6. A snapshot store: the first read scans; a stale read starts a refresh on demand,
+    //    which fails (counted; the last good value is kept).
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&failing);
+    let store = SnapshotStore::builder("telemetry-store")
+        .ttl(Duration::ZERO)
+        .in_memory()
+        .build(
+            &ctl,
+            RefreshPlugin::new(move |_ctx| {
+                let f = Arc::clone(&f);
+                async move {
+                    if f.load(Ordering::SeqCst) {
+                        Err(RunError::from(std::io::Error::other("db down")))
+                    } else {
+                        Ok(7_u64)
+                    }
+                }
+            }),
+        )
+        .unwrap();
+    assert_eq!(*store.get().await.unwrap().data, 7);
+    failing.store(true, Ordering::SeqCst);
+    assert_eq!(
+        *store.get().await.unwrap().data,
+        7,
+        "a stale read gets the value"
+    );
+    let patience = std::time::Instant::now();
+    while store.status().last_error.is_none() || store.is_refreshing() {
+        assert!(patience.elapsed() < PATIENCE, "the refresh never failed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
     // 5. A manual trigger through the runtime.
     let rt = Runtime::builder(&ctl).job(Ping).build().unwrap().start();
     rt.trigger("ping", "k", false).await.unwrap();
@@ -197,7 +232,7 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
         .wait_for(PATIENCE, |s| {
             s.iter().any(|s| s.name == "http.request")
                 && s.iter().any(|s| s.name == "job.trigger")
-                && s.iter().filter(|s| s.name == "job.run").count() >= 5
+                && s.iter().filter(|s| s.name == "job.run").count() >= 7
         })
         .await;
     let request_span = spans.iter().find(|s| s.name == "http.request").unwrap();
@@ -308,12 +343,27 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
     assert_eq!(trigger.attr("job.outcome"), Some("success"));
     assert_eq!(attempts_of(&spans, run).len(), 1);
 
+    // 6. The scan's attempt carries its scan id; the demand refresh is a trigger of its own.
+    let scans = runs_of(&spans, "telemetry-store");
+    assert_eq!(scans.len(), 2, "{}", summary(&spans));
+    assert_eq!(
+        attempts_of(&spans, scans[0])[0].attr("job.scan_id"),
+        Some("1")
+    );
+    let demand = parent(&spans, scans[1]);
+    assert_eq!(demand.name, "job.trigger");
+    assert_eq!(demand.attr("job.trigger"), Some("demand"));
+    assert_eq!(demand.attr("job.outcome"), Some("failed"));
+    assert_eq!(scans[1].attr("error.type"), Some("failed"));
+
     // Metrics: bounded attributes (job name and outcome), the scenario's counts.
     let points = rx
         .wait_for_metrics(PATIENCE, |p| {
             p.iter().any(|p| p.name == metric::COOLDOWN_REJECTIONS)
                 && p.iter().any(|p| p.name == metric::RETRIES)
                 && p.iter().any(|p| p.name == metric::COALESCED)
+                && p.iter().any(|p| p.name == metric::REFRESH_FAILURES)
+                && p.iter().any(|p| p.name == metric::SNAPSHOT_AGE)
         })
         .await;
     let last = |name: &str, attrs: &[(&str, &str)]| {
@@ -353,6 +403,14 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
         rx.last_point(metric::LOCK_WAIT, &[("job.name", "retry")])
             .is_some()
     );
+    assert_eq!(
+        last(metric::REFRESH_FAILURES, &[("job.name", "telemetry-store")]).value,
+        Some(1.0)
+    );
+    let age = last(metric::SNAPSHOT_AGE, &[("job.name", "telemetry-store")]);
+    assert_eq!(age.kind, MetricKind::Gauge);
+    assert!(age.value.unwrap() >= 0.0);
+    drop(store);
     for p in rx.metrics() {
         if p.scope == "job_runtime" {
             assert!(

@@ -104,9 +104,7 @@ pub(crate) struct Metrics {
     pub(crate) cooldown_rejections: Counter<u64>,
     pub(crate) retries: Counter<u64>,
     pub(crate) limit_waits: Counter<u64>,
-    #[allow(dead_code)] // recorded by the snapshot store (next change)
     pub(crate) refresh_failures: Counter<u64>,
-    #[allow(dead_code)] // the snapshot store's age gauge (next change)
     pub(crate) meter: Meter,
 }
 
