@@ -287,7 +287,7 @@ pub enum Decision {
 ///
 /// Any `std::error::Error + Send + Sync + 'static` converts into a retryable `RunError`, so `?`
 /// works in job bodies. Mark an error permanent with [`RunError::permanent`] or give the delay
-/// with [`RunError::retry_after`].
+/// with [`RunError::with_retry_after`].
 ///
 /// ```
 /// use job_runtime::{Decision, RunError};
