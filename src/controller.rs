@@ -1185,7 +1185,8 @@ impl Inner {
             }
             _ => None,
         };
-        tracing::info!(
+        // Debug level: a refusal is ordinary control flow, and a busy service refuses often.
+        tracing::debug!(
             job.name = e.job(),
             job.outcome = e.kind(),
             job.cooldown_remaining_ms = remaining,
