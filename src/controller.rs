@@ -468,8 +468,10 @@ struct Inner {
     root: CancellationToken,
     /// Set when shutdown begins: new runs are refused from then on.
     closing: CancellationToken,
-    next_run: AtomicU64,
-    since_sweep: AtomicU64,
+    /// Written by every run from every thread: on cache lines of their own, so the fields read
+    /// on every run (maps, limits, tokens) are not invalidated by each write (false sharing).
+    next_run: Padded<AtomicU64>,
+    since_sweep: Padded<AtomicU64>,
     /// Runs whose job ignored an outside cancellation past its grace and was dropped.
     abandoned: AtomicU64,
     hooks: Hooks,
@@ -551,8 +553,8 @@ impl JobRuntimeController {
                 tracker: TaskTracker::new(),
                 root: CancellationToken::new(),
                 closing: CancellationToken::new(),
-                next_run: AtomicU64::new(1),
-                since_sweep: AtomicU64::new(0),
+                next_run: Padded(AtomicU64::new(1)),
+                since_sweep: Padded(AtomicU64::new(0)),
                 abandoned: AtomicU64::new(0),
                 hooks: Hooks::new(),
                 metrics: Metrics::new(),
@@ -864,7 +866,7 @@ impl JobRuntimeController {
                     let prev_ended = Arc::clone(&slot.run);
                     let flight = Arc::new(Flight::<T>::new());
                     let run = RunHandle::new();
-                    let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                    let id = inner.next_run.0.fetch_add(1, Ordering::Relaxed);
                     let span = inner.run_span(&rk, Some(id), "replace", force);
                     slot.id = id;
                     slot.span = span.clone();
@@ -897,7 +899,7 @@ impl JobRuntimeController {
                 }
                 let flight = Arc::new(Flight::<T>::new());
                 let run = RunHandle::new();
-                let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                let id = inner.next_run.0.fetch_add(1, Ordering::Relaxed);
                 let span = inner.run_span(&rk, Some(id), "start", force);
                 v.insert(Slot {
                     id,
@@ -1034,7 +1036,7 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         let next = match self.inner.flights.entry(self.rk.clone()) {
             Entry::Occupied(mut o) if o.get().id == self.id => match o.get_mut().queued.take() {
                 Some(mut q) => {
-                    let id = self.inner.next_run.fetch_add(1, Ordering::Relaxed);
+                    let id = self.inner.next_run.0.fetch_add(1, Ordering::Relaxed);
                     let run = RunHandle::new();
                     let slot = o.get_mut();
                     slot.id = id;
@@ -1082,6 +1084,11 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
         }
     }
 }
+
+/// A value alone on its cache line(s): 128 bytes covers adjacent-line prefetching on x86.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Padded<T>(T);
 
 /// A run holding its lock: one more in the in-flight gauge until it ends (or is dropped).
 struct Active<'a>(&'a Inner, &'a RunKey);
@@ -1781,9 +1788,9 @@ impl Inner {
     }
 
     fn maybe_sweep(&self) {
-        let n = self.since_sweep.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.since_sweep.0.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= 4096 && n as usize >= self.keys.len() / 2 {
-            self.since_sweep.store(0, Ordering::Relaxed);
+            self.since_sweep.0.store(0, Ordering::Relaxed);
             // Amortised sweep: drop idle keys but keep the tables' capacity, so a steady stream
             // of new keys does not shrink and regrow them every 4,096 runs.
             self.prune(false);
