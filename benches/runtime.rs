@@ -20,6 +20,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 #[path = "runtime/coalesce.rs"]
 mod coalesce;
+#[path = "common/heap.rs"]
+mod heap;
 #[path = "runtime/idle.rs"]
 mod idle;
 #[path = "runtime/lock.rs"]

@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
+#[path = "common/heap.rs"]
+mod heap;
 #[path = "scheduler/idle.rs"]
 mod idle;
 #[path = "scheduler/lateness.rs"]

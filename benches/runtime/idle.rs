@@ -7,73 +7,20 @@
 //! state costs), and after the cooldown has passed and `housekeep` ran (what an idle key
 //! costs: the difference to the first reading).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::time::Duration;
 
 use criterion::Criterion;
 use job_runtime::controller::Footprint;
 use job_runtime::{JobPolicy, JobRuntimeController, RuntimeConfig};
 
+use crate::heap;
 use crate::support::{current_thread, key_into};
-
-/// Counts live heap bytes while `COUNTING` is on. Off (one relaxed load per call) for every
-/// timed bench, so it costs them nothing measurable and shares no written cache line.
-struct CountingAlloc;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-#[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
-
-fn count(delta: isize) {
-    if COUNTING.load(Ordering::Relaxed) {
-        LIVE.fetch_add(delta, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; only a counter is added.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: same contract as ours.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            count(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: same contract as ours.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            count(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        count(-(layout.size() as isize));
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: same contract as ours.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            count(new_size as isize - layout.size() as isize);
-        }
-        p
-    }
-}
 
 const KEYS: u64 = 10_000;
 const COOLDOWN: Duration = Duration::from_millis(50);
 
 fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
+    heap::live_bytes()
 }
 
 fn show(label: &str, f: Footprint, bytes: isize) {
@@ -85,8 +32,7 @@ fn show(label: &str, f: Footprint, bytes: isize) {
 
 /// Prints the measurement; registered as a criterion target so it runs with the benches.
 pub(crate) fn report(_c: &mut Criterion) {
-    LIVE.store(0, Ordering::Relaxed);
-    COUNTING.store(true, Ordering::Relaxed);
+    heap::start_counting();
     let rt = current_thread();
     let (cooling, idle, footprints) = rt.block_on(async {
         let ctl = JobRuntimeController::new(RuntimeConfig::default());
@@ -126,7 +72,7 @@ pub(crate) fn report(_c: &mut Criterion) {
         let idle = live() - before;
         (cooling, idle, [warm, after_runs, after_housekeep])
     });
-    COUNTING.store(false, Ordering::Relaxed);
+    heap::stop_counting();
     let [warm, after_runs, after_housekeep] = footprints;
     show("after warm-up wave + housekeep", warm, 0);
     show(

@@ -18,10 +18,8 @@ use job_runtime::schedule::{Schedule, Trigger};
 use job_runtime::{JobRuntimeController, RuntimeConfig};
 use tokio_cron_scheduler::{Job as TcsJob, JobScheduler};
 
-use crate::support::{
-    Probe, Recorder, current_thread, far_cron, job_name, live_bytes, start_counting, stop_counting,
-    summary_row,
-};
+use crate::heap::{live_bytes, start_counting, stop_counting};
+use crate::support::{Probe, Recorder, current_thread, far_cron, job_name, summary_row};
 
 const BATCH: usize = 1_000;
 
