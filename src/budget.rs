@@ -7,11 +7,78 @@
 //! dropped) after a grace period, so a stuck job can never hold a key forever.
 
 use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering, fence};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::error::CancelReason;
 use crate::time::{Instant, add_saturating};
+
+const NOT_CANCELLED: u8 = 0;
+
+/// The cancellation of one run from outside (replace, shutdown, lease lost): a reason that
+/// every check reads in one load, and a [`CancellationToken`] made only when something has to
+/// wait on it or hand it on (a limit wait, a backoff sleep, a deadline's child token, a job
+/// asking its context). Most runs never wait, and a token costs an allocation and a mutex
+/// operation per clone, drop and check.
+#[derive(Debug, Default)]
+pub(crate) struct RunSignal {
+    reason: AtomicU8,
+    token: OnceLock<CancellationToken>,
+}
+
+impl RunSignal {
+    /// Cancels the run; the first reason given is kept.
+    pub(crate) fn cancel(&self, reason: CancelReason) {
+        let code = match reason {
+            CancelReason::Replaced => 1,
+            CancelReason::Shutdown => 2,
+            CancelReason::LeaseLost => 3,
+        };
+        let _ =
+            self.reason
+                .compare_exchange(NOT_CANCELLED, code, Ordering::SeqCst, Ordering::SeqCst);
+        // Pairs with the fence in `token`: either this sees the token, or `token` sees the
+        // reason and cancels what it made.
+        fence(Ordering::SeqCst);
+        if let Some(t) = self.token.get() {
+            t.cancel();
+        }
+    }
+
+    /// Whether the run was cancelled.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.reason.load(Ordering::SeqCst) != NOT_CANCELLED
+    }
+
+    /// Why the run was cancelled (`Shutdown` if it was not).
+    pub(crate) fn reason(&self) -> CancelReason {
+        match self.reason.load(Ordering::SeqCst) {
+            1 => CancelReason::Replaced,
+            3 => CancelReason::LeaseLost,
+            _ => CancelReason::Shutdown,
+        }
+    }
+
+    /// The run's token, made on first use (already cancelled if the run is).
+    pub(crate) fn token(&self) -> &CancellationToken {
+        let t = self.token.get_or_init(CancellationToken::new);
+        fence(Ordering::SeqCst);
+        if self.is_cancelled() {
+            t.cancel();
+        }
+        t
+    }
+
+    /// Resolves once the run is cancelled.
+    pub(crate) async fn cancelled(&self) {
+        if !self.is_cancelled() {
+            self.token().cancelled().await;
+        }
+    }
+}
 
 /// The deadline of one run.
 ///
@@ -116,6 +183,83 @@ pub async fn run_bounded<F: Future>(
     outer: &CancellationToken,
     grace: Duration,
 ) -> AttemptEnd<F::Output> {
+    bounded(
+        fut,
+        deadline,
+        stuck,
+        Some(token),
+        || outer.is_cancelled(),
+        outer.cancelled(),
+        grace,
+    )
+    .await
+}
+
+/// [`run_bounded`] for the controller's usual attempt: no deadline and no heartbeat timeout,
+/// so only the run's [`RunSignal`] can stop it (then with `grace` to notice).
+pub(crate) async fn run_attempt<F: Future>(
+    fut: F,
+    outer: &RunSignal,
+    grace: Duration,
+) -> AttemptEnd<F::Output> {
+    tokio::pin!(fut);
+    tokio::select! {
+        biased;
+        r = &mut fut => {
+            return if outer.is_cancelled() {
+                AttemptEnd::Cancelled { abandoned: false }
+            } else {
+                AttemptEnd::Done(r)
+            };
+        }
+        _ = outer.cancelled() => {}
+    }
+    let stopped = Box::pin(async {
+        tokio::select! {
+            biased;
+            _ = &mut fut => true,
+            _ = tokio::time::sleep(grace) => false,
+        }
+    })
+    .await;
+    AttemptEnd::Cancelled {
+        abandoned: !stopped,
+    }
+}
+
+/// [`run_bounded`] for the controller's attempt under a limit: `own` is the attempt's token
+/// (a child of the run's), cancelled at the deadline or when `stuck` resolves.
+pub(crate) async fn run_limited<F: Future>(
+    fut: F,
+    deadline: Option<(Instant, Limit)>,
+    stuck: Option<impl Future<Output = ()>>,
+    own: Option<&CancellationToken>,
+    outer: &RunSignal,
+    grace: Duration,
+) -> AttemptEnd<F::Output> {
+    bounded(
+        fut,
+        deadline,
+        stuck,
+        own,
+        || outer.is_cancelled(),
+        outer.cancelled(),
+        grace,
+    )
+    .await
+}
+
+/// The body of both: `is_outer` and `outer` say whether and when the run was cancelled from
+/// outside; `token` (if any) is cancelled when a limit is reached.
+async fn bounded<F: Future>(
+    fut: F,
+    deadline: Option<(Instant, Limit)>,
+    stuck: Option<impl Future<Output = ()>>,
+    token: Option<&CancellationToken>,
+    is_outer: impl Fn() -> bool,
+    outer: impl Future<Output = ()>,
+    grace: Duration,
+) -> AttemptEnd<F::Output> {
     tokio::pin!(fut);
     let stuck = async move {
         match stuck {
@@ -128,17 +272,19 @@ pub async fn run_bounded<F: Future>(
         // A job that returns as soon as it sees an outside cancellation was still cancelled,
         // whatever it returned: the same outcome as one that took part of its grace period.
         r = &mut fut => {
-            return if outer.is_cancelled() {
+            return if is_outer() {
                 AttemptEnd::Cancelled { abandoned: false }
             } else {
                 AttemptEnd::Done(r)
             };
         }
-        _ = outer.cancelled() => None,
+        _ = outer => None,
         _ = sleep_until_opt(deadline.map(|d| d.0)) => deadline.map(|d| d.1),
         _ = stuck => Some(Limit::Heartbeat),
     };
-    token.cancel();
+    if let Some(t) = token {
+        t.cancel();
+    }
     let grace_end = add_saturating(Instant::now(), grace);
     let stopped = tokio::select! {
         biased;

@@ -29,7 +29,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::budget::{AttemptEnd, Deadline, Limit, run_bounded};
+use crate::budget::{AttemptEnd, Deadline, Limit, RunSignal, run_attempt, run_limited};
 use crate::config::RuntimeConfig;
 use crate::cooldown::{self, Cooldown};
 use crate::coord::{Acquire, Coordinator, Lease};
@@ -228,8 +228,9 @@ struct KeyData {
     failures: u64,
     cooldown_rejections: u64,
     retries: u64,
-    last_start: Option<SystemTime>,
-    last_success: Option<SystemTime>,
+    /// Monotonic, turned into wall time by `status` (a run does not pay for the conversion).
+    last_start: Option<Instant>,
+    last_success: Option<Instant>,
     last_duration: Option<Duration>,
     last_error: Option<String>,
     last_error_kind: Option<&'static str>,
@@ -266,8 +267,10 @@ impl KeyRecord {
         self.data.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn cooldown_remaining(&self, now: Instant) -> Option<Duration> {
-        cooldown::remaining(self.data().not_before, now)
+    /// Cooldown left; reads the clock only when a cooldown was set.
+    fn cooldown_remaining(&self) -> Option<Duration> {
+        let not_before = self.data().not_before?;
+        cooldown::remaining(Some(not_before), Instant::now())
     }
 
     pub(crate) fn progress(&self, done: u64, total: u64) {
@@ -288,7 +291,7 @@ impl KeyRecord {
         !d.running && d.not_before.is_none_or(|t| t <= now) && d.keep_until.is_none_or(|t| t <= now)
     }
 
-    fn status(&self, rk: &RunKey, now: Instant) -> KeyStatus {
+    fn status(&self, rk: &RunKey, now: Instant, clock: &Clock) -> KeyStatus {
         let d = self.data();
         let cooldown_remaining = cooldown::remaining(d.not_before, now);
         KeyStatus {
@@ -309,8 +312,8 @@ impl KeyRecord {
             coalesced: self.coalesced.load(Ordering::Relaxed),
             cooldown_rejections: d.cooldown_rejections,
             retries: d.retries,
-            last_start: d.last_start,
-            last_success: d.last_success,
+            last_start: d.last_start.map(|t| clock.wall_at(t)),
+            last_success: d.last_success.map(|t| clock.wall_at(t)),
             last_duration: d.last_duration,
             last_error: d.last_error.clone(),
             last_error_kind: d.last_error_kind,
@@ -341,16 +344,14 @@ pub struct Footprint {
     pub lock_capacity: usize,
 }
 
-const REASON_NONE: u8 = 0;
-
-/// Cancellation of one run, with the reason recorded first.
+/// One run: its cancellation and its end.
 #[derive(Debug)]
-struct RunHandle {
-    token: CancellationToken,
-    reason: AtomicU8,
+pub(crate) struct RunHandle {
+    /// Cancellation from outside (replace, shutdown, lease lost), with its reason.
+    pub(crate) signal: RunSignal,
     /// Set once the run has fully ended (its lock released); a flag and a `Notify` rather than
     /// a `CancellationToken`, which would cost an allocation per run.
-    ended: std::sync::atomic::AtomicBool,
+    ended: AtomicBool,
     ended_notify: tokio::sync::Notify,
 }
 
@@ -360,9 +361,8 @@ impl RunHandle {
     /// in-flight map instead.
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            token: CancellationToken::new(),
-            reason: AtomicU8::new(REASON_NONE),
-            ended: std::sync::atomic::AtomicBool::new(false),
+            signal: RunSignal::default(),
+            ended: AtomicBool::new(false),
             ended_notify: tokio::sync::Notify::new(),
         })
     }
@@ -385,23 +385,7 @@ impl RunHandle {
     }
 
     fn cancel(&self, reason: CancelReason) {
-        let code = match reason {
-            CancelReason::Replaced => 1,
-            CancelReason::Shutdown => 2,
-            CancelReason::LeaseLost => 3,
-        };
-        let _ =
-            self.reason
-                .compare_exchange(REASON_NONE, code, Ordering::AcqRel, Ordering::Acquire);
-        self.token.cancel();
-    }
-
-    fn reason(&self) -> CancelReason {
-        match self.reason.load(Ordering::Acquire) {
-            1 => CancelReason::Replaced,
-            3 => CancelReason::LeaseLost,
-            _ => CancelReason::Shutdown,
-        }
+        self.signal.cancel(reason);
     }
 }
 
@@ -465,9 +449,13 @@ struct Inner {
     limits: Limits,
     coord: Option<Arc<dyn Coordinator>>,
     tracker: TaskTracker,
-    root: CancellationToken,
-    /// Set when shutdown begins: new runs are refused from then on.
+    /// Set when shutdown begins: new runs are refused from then on. `closed` says the same in
+    /// one load (a token's `is_cancelled` takes its mutex); the token is for tasks that wait.
     closing: CancellationToken,
+    closed: AtomicBool,
+    /// Set once shutdown has begun cancelling the runs in flight: a run admitted after that
+    /// cancels itself.
+    cancelling: AtomicBool,
     /// Written by every run from every thread: on cache lines of their own, so the fields read
     /// on every run (maps, limits, tokens) are not invalidated by each write (false sharing).
     next_run: Padded<AtomicU64>,
@@ -551,8 +539,9 @@ impl JobRuntimeController {
                 keys: DashMap::with_hasher(RunKeyHash),
                 coord,
                 tracker: TaskTracker::new(),
-                root: CancellationToken::new(),
                 closing: CancellationToken::new(),
+                closed: AtomicBool::new(false),
+                cancelling: AtomicBool::new(false),
                 next_run: Padded(AtomicU64::new(1)),
                 since_sweep: Padded(AtomicU64::new(0)),
                 abandoned: AtomicU64::new(0),
@@ -645,7 +634,7 @@ impl JobRuntimeController {
     pub fn status(&self, job: &str, key: &str) -> Option<KeyStatus> {
         let rk = RunKey::new(job, key);
         let rec = self.inner.keys.get(&rk)?;
-        Some(rec.status(&rk, Instant::now()))
+        Some(rec.status(&rk, Instant::now(), &self.inner.clock))
     }
 
     /// The status of every key with state, sorted by job and key.
@@ -655,7 +644,7 @@ impl JobRuntimeController {
             .inner
             .keys
             .iter()
-            .map(|e| e.value().status(e.key(), now))
+            .map(|e| e.value().status(e.key(), now, &self.inner.clock))
             .collect();
         v.sort_by(|a, b| (&a.job, &a.key).cmp(&(&b.job, &b.key)));
         v
@@ -705,7 +694,7 @@ impl JobRuntimeController {
 
     /// `true` once `shutdown` has begun (new runs are refused).
     pub(crate) fn is_closing(&self) -> bool {
-        self.inner.closing.is_cancelled()
+        self.inner.closed.load(Ordering::Acquire)
     }
 
     /// The controller's metric instruments (for the snapshot stores built on it).
@@ -746,10 +735,11 @@ impl JobRuntimeController {
     /// within `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
         let t = &self.inner.tracker;
+        self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.closing.cancel();
         t.close();
         let clean = tokio::time::timeout(grace, t.wait()).await.is_ok();
-        self.inner.root.cancel();
+        self.inner.cancelling.store(true, Ordering::SeqCst);
         for slot in self.inner.flights.iter() {
             slot.run.cancel(CancelReason::Shutdown);
         }
@@ -774,7 +764,7 @@ impl JobRuntimeController {
     {
         let inner = &self.inner;
         let rk = RunKey::new(job, key);
-        if inner.closing.is_cancelled() {
+        if inner.closed.load(Ordering::Acquire) {
             return Err(JobError::Cancelled {
                 job: rk.job,
                 key: rk.key,
@@ -792,7 +782,7 @@ impl JobRuntimeController {
         let existing = inner.keys.get(&rk).map(|r| Arc::clone(r.value()));
         if !force {
             if let Some(rec) = &existing
-                && let Some(remaining) = rec.cooldown_remaining(Instant::now())
+                && let Some(remaining) = rec.cooldown_remaining()
             {
                 rec.data().cooldown_rejections += 1;
                 return Err(inner.skipped(cooling(&rk, remaining)));
@@ -893,7 +883,7 @@ impl JobRuntimeController {
                 };
                 // Re-check under the in-flight entry: a run that ended since the first check has
                 // set its cooldown before removing its entry.
-                if !force && let Some(remaining) = record.cooldown_remaining(Instant::now()) {
+                if !force && let Some(remaining) = record.cooldown_remaining() {
                     record.data().cooldown_rejections += 1;
                     return Err(inner.skipped(cooling(&rk, remaining)));
                 }
@@ -1091,16 +1081,16 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
 struct Padded<T>(T);
 
 /// A run holding its lock: one more in the in-flight gauge until it ends (or is dropped).
-struct Active<'a>(&'a Inner, &'a RunKey);
+struct Active<'a>(&'a Inner, &'a [opentelemetry::KeyValue; 1]);
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
-        self.0.metrics.in_flight.add(-1, &Metrics::job(&self.1.job));
+        self.0.metrics.in_flight.add(-1, self.1);
     }
 }
 
 /// An admitted run: steps 3 to 6 and its end, boxed once.
-type RunFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type RunFuture = tracing::instrument::Instrumented<Pin<Box<dyn Future<Output = ()> + Send>>>;
 
 /// The run as polled by the caller that started it.
 ///
@@ -1120,7 +1110,7 @@ impl Future for Lead {
         let Some(run) = self.run.as_mut() else {
             return Poll::Ready(());
         };
-        ready!(run.as_mut().poll(cx));
+        ready!(Pin::new(run).poll(cx));
         self.run = None;
         Poll::Ready(())
     }
@@ -1300,33 +1290,35 @@ impl Inner {
             record,
             flight: Some(flight),
         };
-        Box::pin(
-            async move {
-                if let Some(prev) = prev_ended {
-                    prev.wait_ended().await;
-                }
-                let inner = Arc::clone(&fin.inner);
-                let result = AssertUnwindSafe(inner.pipeline(
-                    &fin.rk,
-                    &policy,
-                    &fin.record,
-                    &fin.run,
-                    id,
-                    &f,
-                ))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|p| {
-                    Err(JobError::Panicked {
-                        job: fin.rk.job.clone(),
-                        key: fin.rk.key.clone(),
-                        message: format!("inside the runtime: {}", panic_message(&*p)),
-                    })
-                });
-                fin.finish(result);
+        // Boxed first and instrumented outside the box: the future is large (the whole
+        // pipeline), and each wrapper around it before boxing would be one more copy of it.
+        let run_span = span.clone();
+        let run: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            if let Some(prev) = prev_ended {
+                prev.wait_ended().await;
             }
-            .instrument(span),
-        )
+            let inner = Arc::clone(&fin.inner);
+            let result = AssertUnwindSafe(inner.pipeline(
+                &run_span,
+                &fin.rk,
+                &policy,
+                &fin.record,
+                &fin.run,
+                id,
+                &f,
+            ))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| {
+                Err(JobError::Panicked {
+                    job: fin.rk.job.clone(),
+                    key: fin.rk.key.clone(),
+                    message: format!("inside the runtime: {}", panic_message(&*p)),
+                })
+            });
+            fin.finish(result);
+        });
+        run.instrument(span)
     }
 
     async fn lock(
@@ -1340,8 +1332,8 @@ impl Inner {
                 let r = if policy.lock_wait.is_zero() {
                     self.locks.try_acquire(rk.clone()).ok_or(None)
                 } else {
-                    self.locks
-                        .acquire(rk.clone(), policy.lock_wait)
+                    // Boxed, as every wait is: the run's future stays small for the usual case.
+                    Box::pin(self.locks.acquire(rk.clone(), policy.lock_wait))
                         .await
                         .map_err(Some)
                 };
@@ -1358,52 +1350,61 @@ impl Inner {
                     }),
                 }
             }
-            Some(c) => {
-                let start = Instant::now();
-                let give_up = add_saturating(start, policy.lock_wait);
-                loop {
-                    let backend = |e: crate::coord::BackendError| JobError::Backend {
-                        job: rk.job.clone(),
-                        key: rk.key.clone(),
-                        source: e.0,
-                    };
-                    match c
-                        .acquire(&rk.job, &rk.key, policy.lease)
-                        .await
-                        .map_err(backend)?
-                    {
-                        Acquire::Acquired(lease) => {
-                            let stop_renew = CancellationToken::new();
-                            self.spawn_renewal(
-                                Arc::clone(c),
-                                lease.clone(),
-                                policy.lease,
-                                Arc::clone(run),
-                                stop_renew.clone(),
-                            );
-                            return Ok(HeldLock::Lease { lease, stop_renew });
-                        }
-                        Acquire::Held { free_in } => {
-                            let now = Instant::now();
-                            if policy.lock_wait.is_zero() {
-                                return Err(JobError::Busy {
-                                    job: rk.job.clone(),
-                                    key: rk.key.clone(),
-                                });
-                            }
-                            if now >= give_up {
-                                return Err(JobError::LockTimeout {
-                                    job: rk.job.clone(),
-                                    key: rk.key.clone(),
-                                    waited: now - start,
-                                });
-                            }
-                            let poll = free_in
-                                .unwrap_or(Duration::from_millis(100))
-                                .clamp(Duration::from_millis(10), Duration::from_secs(1));
-                            tokio::time::sleep_until(add_saturating(now, poll).min(give_up)).await;
-                        }
+            Some(c) => Box::pin(self.lease(c, rk, policy, run)).await,
+        }
+    }
+
+    /// Step 3 on a shared backend: a lease, polled for until `lock_wait`, then renewed by a task.
+    async fn lease(
+        &self,
+        c: &Arc<dyn Coordinator>,
+        rk: &RunKey,
+        policy: &JobPolicy,
+        run: &Arc<RunHandle>,
+    ) -> Result<HeldLock, JobError> {
+        let start = Instant::now();
+        let give_up = add_saturating(start, policy.lock_wait);
+        loop {
+            let backend = |e: crate::coord::BackendError| JobError::Backend {
+                job: rk.job.clone(),
+                key: rk.key.clone(),
+                source: e.0,
+            };
+            match c
+                .acquire(&rk.job, &rk.key, policy.lease)
+                .await
+                .map_err(backend)?
+            {
+                Acquire::Acquired(lease) => {
+                    let stop_renew = CancellationToken::new();
+                    self.spawn_renewal(
+                        Arc::clone(c),
+                        lease.clone(),
+                        policy.lease,
+                        Arc::clone(run),
+                        stop_renew.clone(),
+                    );
+                    return Ok(HeldLock::Lease { lease, stop_renew });
+                }
+                Acquire::Held { free_in } => {
+                    let now = Instant::now();
+                    if policy.lock_wait.is_zero() {
+                        return Err(JobError::Busy {
+                            job: rk.job.clone(),
+                            key: rk.key.clone(),
+                        });
                     }
+                    if now >= give_up {
+                        return Err(JobError::LockTimeout {
+                            job: rk.job.clone(),
+                            key: rk.key.clone(),
+                            waited: now - start,
+                        });
+                    }
+                    let poll = free_in
+                        .unwrap_or(Duration::from_millis(100))
+                        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tokio::time::sleep_until(add_saturating(now, poll).min(give_up)).await;
                 }
             }
         }
@@ -1451,8 +1452,10 @@ impl Inner {
     }
 
     /// Steps 3 to 6 of the pipeline, for a run that was admitted (steps 1 and 2).
+    #[allow(clippy::too_many_arguments)]
     async fn pipeline<T, F, Fut>(
         &self,
+        span: &tracing::Span,
         rk: &RunKey,
         policy: &JobPolicy,
         record: &Arc<KeyRecord>,
@@ -1471,7 +1474,6 @@ impl Inner {
         let held = match self.lock(rk, policy, run).await {
             Ok(h) => h,
             Err(e) => {
-                let span = tracing::Span::current();
                 span.record("job.outcome", e.kind());
                 self.metrics.runs.add(
                     1,
@@ -1485,23 +1487,22 @@ impl Inner {
         };
         let started = Instant::now();
         let lock_wait = admitted.map_or(Duration::ZERO, |a| started - a);
+        // One attribute set for every instrument of this run (each costs a reference count).
+        let job_attr = Metrics::job(&rk.job);
         self.metrics
             .lock_wait
-            .record(lock_wait.as_secs_f64(), &Metrics::job(&rk.job));
-        self.metrics.in_flight.add(1, &Metrics::job(&rk.job));
-        let active = Active(self, rk);
-        {
-            let span = tracing::Span::current();
-            if !span.is_disabled() {
-                span.record("job.lock_wait_ms", lock_wait.as_secs_f64() * 1e3);
-                span.record("job.fencing_token", held.token());
-            }
+            .record(lock_wait.as_secs_f64(), &job_attr);
+        self.metrics.in_flight.add(1, &job_attr);
+        let active = Active(self, &job_attr);
+        if !span.is_disabled() {
+            span.record("job.lock_wait_ms", lock_wait.as_secs_f64() * 1e3);
+            span.record("job.fencing_token", held.token());
         }
         {
             let mut d = record.data();
             d.running = true;
             d.runs += 1;
-            d.last_start = Some(self.clock.wall_at(started));
+            d.last_start = Some(started);
             d.progress = None;
             d.fencing = Some(held.token());
         }
@@ -1510,26 +1511,26 @@ impl Inner {
         let deadline = Deadline::new(started, policy.budget);
         // 5. attempts
         let result = self
-            .attempts(rk, policy, record, run, id, held.token(), deadline, f)
+            .attempts(span, rk, policy, record, run, id, held.token(), deadline, f)
             .await;
         self.unlock(held).await;
         // 6. outcome
         let ended = Instant::now();
+        let took = ended - started;
         let success = result.is_ok();
-        let span = policy.cooldown.span(success);
+        let cooldown = policy.cooldown.span(success);
         if let Some(c) = &self.coord
-            && let Err(e) = c.record_finish(&rk.job, &rk.key, span).await
+            && let Err(e) = c.record_finish(&rk.job, &rk.key, cooldown).await
         {
             tracing::warn!(job = %rk.job, key = %rk.key, error = %e, "could not record the cooldown on the backend");
         }
-        self.record_outcome(record, policy.cooldown, started, ended, &result);
+        self.record_outcome(record, policy.cooldown, took, ended, &result);
         drop(active);
         let outcome = result.as_ref().map_or_else(|e| e.kind(), |_| "success");
-        self.metrics.run_ended(&rk.job, outcome, ended - started);
-        let span = tracing::Span::current();
+        self.metrics.run_ended(&job_attr[0], outcome, took);
         span.record("job.outcome", outcome);
         if let Err(e) = &result {
-            crate::telemetry::record_error(&span, e);
+            crate::telemetry::record_error(span, e);
         }
         let kind = if result.is_ok() {
             EventKind::Succeeded
@@ -1537,7 +1538,7 @@ impl Inner {
             EventKind::Failed
         };
         let error = result.as_ref().err().cloned();
-        self.event(kind, rk, 0, Some(ended - started), error);
+        self.event(kind, rk, 0, Some(took), error);
         result
     }
 
@@ -1545,14 +1546,14 @@ impl Inner {
         &self,
         record: &KeyRecord,
         cooldown: Cooldown,
-        started: Instant,
+        took: Duration,
         ended: Instant,
         result: &Shared<T>,
     ) {
         let mut d = record.data();
         d.running = false;
         d.stuck_for = None;
-        d.last_duration = Some(ended - started);
+        d.last_duration = Some(took);
         let success = result.is_ok();
         let span = cooldown.span(success);
         d.not_before = (!span.is_zero()).then(|| cooldown.not_before(ended, success));
@@ -1560,7 +1561,7 @@ impl Inner {
         match result {
             Ok(_) => {
                 d.successes += 1;
-                d.last_success = Some(self.clock.wall_at(ended));
+                d.last_success = Some(ended);
             }
             Err(e) => {
                 d.failures += 1;
@@ -1574,6 +1575,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     async fn attempts<T, F, Fut>(
         &self,
+        span: &tracing::Span,
         rk: &RunKey,
         policy: &JobPolicy,
         record: &Arc<KeyRecord>,
@@ -1597,7 +1599,7 @@ impl Inner {
         let cancelled = || JobError::Cancelled {
             job: rk.job.clone(),
             key: rk.key.clone(),
-            reason: run.reason(),
+            reason: run.signal.reason(),
         };
         let Some(scope) = self.limits.scope(policy.group.as_deref()) else {
             return Err(self.unknown_group(rk, policy.group.as_deref().unwrap_or_default()));
@@ -1608,31 +1610,35 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            if self.root.is_cancelled() {
+            if self.cancelling.load(Ordering::SeqCst) {
                 // Shutdown began after this run was admitted (it may have missed the sweep).
                 run.cancel(CancelReason::Shutdown);
             }
-            if run.token.is_cancelled() {
+            if run.signal.is_cancelled() {
                 return Err(cancelled());
             }
-            if deadline.expired(Instant::now()) {
+            if deadline.at().is_some() && deadline.expired(Instant::now()) {
                 return Err(budget_exceeded(last));
             }
             let permits = if scope.is_open() {
                 Ok(Permits::default())
             } else {
-                // Permits and tokens are usually there at once: only a wait needs to watch the
-                // run's token (registering on it costs a lock and a waiter).
-                let acquire = scope.acquire(policy.priority, deadline.at());
-                tokio::pin!(acquire);
-                match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
-                    Poll::Ready(p) => p,
-                    Poll::Pending => {
+                // Permits and tokens are usually there at once: only a wait needs a future and
+                // a watch on the run's signal, boxed so that the run's own future stays small.
+                match scope.try_acquire() {
+                    Ok(p) => Ok(p),
+                    Err(partial) => {
                         self.metrics.limit_waits.add(1, &Metrics::job(&rk.job));
-                        tokio::select! {
-                        biased;
-                        _ = run.token.cancelled() => return Err(cancelled()),
-                        p = &mut acquire => p,
+                        let wait = Box::pin(async {
+                            tokio::select! {
+                                biased;
+                                _ = run.signal.cancelled() => None,
+                                p = scope.acquire_rest(partial, policy.priority, deadline.at()) => Some(p),
+                            }
+                        });
+                        match wait.await {
+                            Some(p) => p,
+                            None => return Err(cancelled()),
                         }
                     }
                 }
@@ -1641,20 +1647,23 @@ impl Inner {
                 Ok(p) => p,
                 Err(LimitError::Deadline) => return Err(budget_exceeded(last)),
             };
-            let bound = deadline.for_attempt(Instant::now(), policy.attempt_timeout);
-            // An attempt needs a token of its own only when a deadline may cancel it alone;
-            // otherwise the run's token is the attempt's (saves a node in the token tree).
-            let token = if bound.is_some() {
-                run.token.child_token()
+            let bound = if deadline.at().is_some() || policy.attempt_timeout.is_some() {
+                deadline.for_attempt(Instant::now(), policy.attempt_timeout)
             } else {
-                run.token.clone()
+                None
             };
+            // An attempt needs a token of its own only when a limit may stop it alone (a
+            // deadline, a heartbeat timeout); otherwise it follows the run's signal, whose token
+            // is made only if someone asks for it.
+            let own = (bound.is_some() || policy.heartbeat_timeout.is_some())
+                .then(|| run.signal.token().child_token());
             let ctx = JobContext {
                 job: rk.job.clone(),
                 key: rk.key.clone(),
                 attempt,
                 deadline,
-                token: token.clone(),
+                run: Arc::clone(run),
+                own: own.clone(),
                 fencing,
                 record: Arc::clone(record),
                 clock: self.clock.clone(),
@@ -1664,7 +1673,6 @@ impl Inner {
                 d.last_beat = Some(Instant::now());
                 d.stuck_for = None;
             }
-            let stuck = policy.heartbeat_timeout.map(|t| watchdog(record, t));
             // The job's own spans (and the future's) are children of this attempt's span.
             let aspan = tracing::info_span!(
                 "job.attempt",
@@ -1678,20 +1686,28 @@ impl Inner {
                 otel.status_code = Empty,
                 otel.status_description = Empty,
             );
-            tracing::Span::current().record("job.attempts", attempt);
+            span.record("job.attempts", attempt);
             let end = match std::panic::catch_unwind(AssertUnwindSafe(|| aspan.in_scope(|| f(ctx))))
             {
                 Err(p) => AttemptEnd::Done(Err(p)),
                 Ok(fut) => {
-                    run_bounded(
-                        AssertUnwindSafe(fut.instrument(aspan.clone())).catch_unwind(),
-                        bound,
-                        stuck,
-                        &token,
-                        &run.token,
-                        policy.abandon_grace,
-                    )
-                    .await
+                    let fut = AssertUnwindSafe(fut.instrument(aspan.clone())).catch_unwind();
+                    if own.is_none() {
+                        run_attempt(fut, &run.signal, policy.abandon_grace).await
+                    } else {
+                        // A deadline or a heartbeat timeout: sleeps, which are large, so boxed
+                        // (the usual attempt has neither and keeps the run's future small).
+                        let stuck = policy.heartbeat_timeout.map(|t| watchdog(record, t));
+                        Box::pin(run_limited(
+                            fut,
+                            bound,
+                            stuck,
+                            own.as_ref(),
+                            &run.signal,
+                            policy.abandon_grace,
+                        ))
+                        .await
+                    }
                 }
             };
             drop(permits);
@@ -1778,10 +1794,16 @@ impl Inner {
             self.metrics.retries.add(1, &Metrics::job(&rk.job));
             aspan.record("job.retry_in_ms", delay.as_secs_f64() * 1e3);
             self.event(EventKind::Retried, rk, attempt, None, Some(err.clone()));
-            tokio::select! {
-                biased;
-                _ = run.token.cancelled() => return Err(cancelled()),
-                _ = tokio::time::sleep_until(add_saturating(now, delay)) => {}
+            // Boxed: a sleep is large, and most runs never retry.
+            let slept = Box::pin(async {
+                tokio::select! {
+                    biased;
+                    _ = run.signal.cancelled() => false,
+                    _ = tokio::time::sleep_until(add_saturating(now, delay)) => true,
+                }
+            });
+            if !slept.await {
+                return Err(cancelled());
             }
             last = Some(err);
         }

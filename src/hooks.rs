@@ -32,7 +32,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -117,6 +117,9 @@ struct Sink {
 /// The controller's listeners.
 pub(crate) struct Hooks {
     sinks: ArcSwap<Vec<Arc<Sink>>>,
+    /// `true` while `sinks` is not empty: one plain load on the hot path (an `ArcSwap` load
+    /// touches its debt list).
+    any: AtomicBool,
     tasks: TaskTracker,
 }
 
@@ -132,6 +135,7 @@ impl Hooks {
     pub(crate) fn new() -> Self {
         Self {
             sinks: ArcSwap::from_pointee(Vec::new()),
+            any: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         }
     }
@@ -139,7 +143,7 @@ impl Hooks {
     /// Whether anyone listens (one atomic load: the hot path's only cost without listeners).
     #[inline]
     pub(crate) fn active(&self) -> bool {
-        !self.sinks.load().is_empty()
+        self.any.load(Ordering::Relaxed)
     }
 
     /// Offers `event` to every listener; never waits.
@@ -168,6 +172,7 @@ impl Hooks {
             v.push(Arc::clone(&sink));
             v
         });
+        self.any.store(true, Ordering::Relaxed);
         let task_counts = Arc::clone(&counts);
         self.tasks.spawn(async move {
             // Ends when the controller closes the channel (shutdown) and the queue is drained.
@@ -189,6 +194,7 @@ impl Hooks {
     /// Closes every listener's channel and waits (at most `wait`) for the queued events to be
     /// delivered.
     pub(crate) async fn close(&self, wait: Duration) -> bool {
+        self.any.store(false, Ordering::Relaxed);
         self.sinks.store(Arc::new(Vec::new()));
         self.tasks.close();
         tokio::time::timeout(wait, self.tasks.wait()).await.is_ok()

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Deadline;
-use crate::controller::KeyRecord;
+use crate::controller::{KeyRecord, RunHandle};
 use crate::cooldown::Cooldown;
 use crate::error::{ConfigError, RunError};
 use crate::lock::FencingToken;
@@ -305,7 +305,11 @@ pub struct JobContext {
     pub(crate) key: Arc<str>,
     pub(crate) attempt: u32,
     pub(crate) deadline: Deadline,
-    pub(crate) token: CancellationToken,
+    /// The run's cancellation, which this attempt follows.
+    pub(crate) run: Arc<RunHandle>,
+    /// The attempt's own token, when a limit (deadline, heartbeat timeout) may stop it alone;
+    /// a child of the run's.
+    pub(crate) own: Option<CancellationToken>,
     pub(crate) fencing: FencingToken,
     pub(crate) record: Arc<KeyRecord>,
     pub(crate) clock: Clock,
@@ -345,15 +349,24 @@ impl JobContext {
     }
     /// Resolves when this attempt must stop.
     pub async fn cancelled(&self) {
-        self.token.cancelled().await
+        match &self.own {
+            Some(t) => t.cancelled().await,
+            None => self.run.signal.cancelled().await,
+        }
     }
     /// Whether this attempt must stop.
     pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
+        match &self.own {
+            Some(t) => t.is_cancelled(),
+            None => self.run.signal.is_cancelled(),
+        }
     }
     /// The attempt's cancellation token (for passing on to sub-tasks).
     pub fn token(&self) -> &CancellationToken {
-        &self.token
+        match &self.own {
+            Some(t) => t,
+            None => self.run.signal.token(),
+        }
     }
     /// The lock's fencing token: pass it to systems that can refuse stale writers.
     pub fn fencing_token(&self) -> FencingToken {

@@ -445,36 +445,81 @@ impl<'a> Scope<'a> {
         self.global.is_open() && self.group.is_none_or(Gate::is_open)
     }
 
-    /// Takes the permits and tokens for one attempt, waiting until `deadline` at most; while
-    /// permits are short, waiters of higher `priority` go first, then earlier arrivals.
-    /// Dropping the future (the run is cancelled) gives back whatever it holds or was handed.
-    pub(crate) async fn acquire(
+    /// Takes the permits and tokens of one attempt if none has to be waited for: no future,
+    /// no allocation (the usual case). Otherwise returns what it took so far, for
+    /// [`Scope::acquire_rest`].
+    pub(crate) fn try_acquire(&self) -> Result<Permits<'a>, Partial<'a>> {
+        let mut permits = Permits::default();
+        let stop = |permits, stage| Err(Partial { permits, stage });
+        if let Some(sem) = self.group.and_then(|g| g.sem.as_ref()) {
+            match sem.try_acquire() {
+                Some(p) => permits._group = Some(p),
+                None => return stop(permits, Stage::GroupPermit),
+            }
+        }
+        if let Some(sem) = &self.global.sem {
+            match sem.try_acquire() {
+                Some(p) => permits._global = Some(p),
+                None => return stop(permits, Stage::GlobalPermit),
+            }
+        }
+        if let Some(rate) = self.group.and_then(|g| g.rate.as_ref())
+            && rate.check().is_err()
+        {
+            return stop(permits, Stage::GroupToken);
+        }
+        if let Some(rate) = &self.global.rate
+            && rate.check().is_err()
+        {
+            return stop(permits, Stage::GlobalToken);
+        }
+        Ok(permits)
+    }
+
+    /// Waits for what [`Scope::try_acquire`] could not take, in the same order (group permit,
+    /// global permit, group token, global token), until `deadline` at most. While permits are
+    /// short, waiters of higher `priority` go first, then earlier arrivals. Dropping the future
+    /// (the run is cancelled) gives back whatever it holds or was handed.
+    pub(crate) async fn acquire_rest(
         &self,
+        partial: Partial<'a>,
         priority: i32,
         deadline: Option<Instant>,
     ) -> Result<Permits<'a>, LimitError> {
-        let mut permits = Permits::default();
-        if let Some(g) = self.group {
-            permits._group = g
-                .permit(priority, deadline)
-                .await
-                .map_err(|_| LimitError::Deadline)?;
+        let Partial { mut permits, stage } = partial;
+        let late = |_| LimitError::Deadline;
+        if stage <= Stage::GroupPermit
+            && let Some(g) = self.group
+        {
+            permits._group = g.permit(priority, deadline).await.map_err(late)?;
         }
-        permits._global = self
-            .global
-            .permit(priority, deadline)
-            .await
-            .map_err(|_| LimitError::Deadline)?;
-        if let Some(g) = self.group {
-            permits.rate_waited += g.token(deadline).await.map_err(|_| LimitError::Deadline)?;
+        if stage <= Stage::GlobalPermit {
+            permits._global = self.global.permit(priority, deadline).await.map_err(late)?;
         }
-        permits.rate_waited += self
-            .global
-            .token(deadline)
-            .await
-            .map_err(|_| LimitError::Deadline)?;
+        if stage <= Stage::GroupToken
+            && let Some(g) = self.group
+        {
+            permits.rate_waited += g.token(deadline).await.map_err(late)?;
+        }
+        permits.rate_waited += self.global.token(deadline).await.map_err(late)?;
         Ok(permits)
     }
+}
+
+/// What [`Scope::try_acquire`] took before it reached something it would have to wait for.
+#[derive(Debug)]
+pub(crate) struct Partial<'a> {
+    permits: Permits<'a>,
+    stage: Stage,
+}
+
+/// The step that would have waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    GroupPermit,
+    GlobalPermit,
+    GroupToken,
+    GlobalToken,
 }
 
 /// Why permits were not obtained.

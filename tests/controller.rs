@@ -1319,3 +1319,111 @@ async fn sequential_calls_never_join_a_run_that_already_ended() {
     }
     assert_eq!(bodies.load(Ordering::SeqCst), 2_000);
 }
+
+/// The run's cancellation token is made only when something asks for it: a token taken from
+/// the context before the cancel, one taken after it, and a child of the first all see it.
+#[tokio::test(start_paused = true)]
+async fn a_context_token_taken_before_or_after_a_replace_is_cancelled_with_the_run() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let replace = JobPolicy::builder()
+        .overlap(Overlap::Replace)
+        .abandon_grace(secs(1))
+        .build()
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let first = {
+        let (ctl, replace, seen) = (ctl.clone(), replace.clone(), Arc::clone(&seen));
+        tokio::spawn(async move {
+            ctl.run("tok", "k", &replace, move |ctx: JobContext| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let early = ctx.token().clone();
+                    let child = early.child_token();
+                    assert!(!ctx.is_cancelled() && !early.is_cancelled());
+                    ctx.cancelled().await;
+                    let late = ctx.token().clone();
+                    seen.lock().unwrap().extend([
+                        early.is_cancelled(),
+                        child.is_cancelled(),
+                        late.is_cancelled(),
+                        ctx.is_cancelled(),
+                    ]);
+                    Ok(1)
+                }
+            })
+            .await
+        })
+    };
+    settle(10).await;
+    let second = ctl
+        .run("tok", "k", &replace, |_ctx| async { Ok(2) })
+        .await
+        .unwrap();
+    assert_eq!(*second, 2);
+    let first = first.await.unwrap();
+    assert!(
+        matches!(
+            first,
+            Err(JobError::Cancelled {
+                reason: CancelReason::Replaced,
+                ..
+            })
+        ),
+        "{first:?}"
+    );
+    assert_eq!(*seen.lock().unwrap(), vec![true; 4]);
+    assert_idle_maps(&ctl);
+}
+
+/// A job that never asks for a token still sees a cancel through `is_cancelled` and
+/// `cancelled()`; the token made lazily after the cancel (by another thread, racing it) is
+/// cancelled too. Many runs on a multi-threaded runtime, each cancelled by a shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_reaches_every_run_whether_or_not_it_made_its_token() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = JobPolicy::builder().abandon_grace(secs(5)).build().unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let runs: Vec<_> = (0..200)
+        .map(|i| {
+            let (ctl, policy, started) = (ctl.clone(), policy.clone(), Arc::clone(&started));
+            tokio::spawn(async move {
+                ctl.run("sd", &format!("k{i}"), &policy, move |ctx: JobContext| {
+                    let started = Arc::clone(&started);
+                    async move {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        if i % 2 == 0 {
+                            // Asks for the token only once the cancel may be under way.
+                            tokio::task::yield_now().await;
+                            ctx.token().cancelled().await;
+                        } else {
+                            ctx.cancelled().await;
+                        }
+                        assert!(ctx.is_cancelled() && ctx.token().is_cancelled());
+                        Ok(i)
+                    }
+                })
+                .await
+            })
+        })
+        .collect();
+    wait_until("every run started", secs(10), || {
+        started.load(Ordering::SeqCst) == 200
+    })
+    .await;
+    assert!(!ctl.shutdown(ms(1)).await, "no run ends within the grace");
+    for r in join_all(runs).await {
+        let r = r.expect("no run panicked");
+        assert!(
+            matches!(
+                r,
+                Err(JobError::Cancelled {
+                    reason: CancelReason::Shutdown,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(ctl.abandoned_runs(), 0, "every run saw its cancel in time");
+    assert_idle_maps(&ctl);
+}

@@ -185,11 +185,8 @@ impl Metrics {
     }
 
     /// A run ended: its duration and its outcome.
-    pub(crate) fn run_ended(&self, job: &Arc<str>, outcome: &'static str, took: Duration) {
-        let attrs = [
-            KeyValue::new(attr::JOB, Arc::clone(job)),
-            KeyValue::new(attr::OUTCOME, outcome),
-        ];
+    pub(crate) fn run_ended(&self, job: &KeyValue, outcome: &'static str, took: Duration) {
+        let attrs = [job.clone(), KeyValue::new(attr::OUTCOME, outcome)];
         self.run_duration.record(took.as_secs_f64(), &attrs);
         self.runs.add(1, &attrs);
     }
