@@ -51,7 +51,7 @@ use crate::flight::{Flight, Shared};
 use crate::hooks::{EventKind, Hooks, JobEvent, Listening};
 use crate::job::{Job, JobContext, JobPolicy, Overlap};
 use crate::limit::{Gate, LimitError, Limits, Permits};
-use crate::lock::{FencingToken, KeyGuard, KeyedLocks};
+use crate::lock::{FencingToken, KeyGuard, KeyRef, KeyedLocks};
 use crate::telemetry::{Metrics, attr};
 use crate::time::{Clock, Instant, add_saturating, serde_fmt};
 use tracing::Instrument;
@@ -456,10 +456,12 @@ struct Inner {
     /// Set once shutdown has begun cancelling the runs in flight: a run admitted after that
     /// cancels itself.
     cancelling: AtomicBool,
-    /// Written by every run from every thread: on cache lines of their own, so the fields read
-    /// on every run (maps, limits, tokens) are not invalidated by each write (false sharing).
+    /// Written by every run from every thread: on cache lines of its own, so the fields read
+    /// on every run (maps, limits, `last_sweep`) are not invalidated by each write (false
+    /// sharing).
     next_run: Padded<AtomicU64>,
-    since_sweep: Padded<AtomicU64>,
+    /// The run id at the last amortised sweep (read by every run, written by a sweep).
+    last_sweep: Padded<AtomicU64>,
     /// Runs whose job ignored an outside cancellation past its grace and was dropped.
     abandoned: AtomicU64,
     hooks: Hooks,
@@ -543,7 +545,7 @@ impl JobRuntimeController {
                 closed: AtomicBool::new(false),
                 cancelling: AtomicBool::new(false),
                 next_run: Padded(AtomicU64::new(1)),
-                since_sweep: Padded(AtomicU64::new(0)),
+                last_sweep: Padded(AtomicU64::new(0)),
                 abandoned: AtomicU64::new(0),
                 hooks: Hooks::new(),
                 metrics: Metrics::new(),
@@ -1023,24 +1025,31 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         let Some(flight) = self.flight.take() else {
             return;
         };
-        let next = match self.inner.flights.entry(self.rk.clone()) {
-            Entry::Occupied(mut o) if o.get().id == self.id => match o.get_mut().queued.take() {
-                Some(mut q) => {
-                    let id = self.inner.next_run.0.fetch_add(1, Ordering::Relaxed);
-                    let run = RunHandle::new();
-                    let slot = o.get_mut();
-                    slot.id = id;
-                    slot.span = q.span.clone();
-                    slot.run = Arc::clone(&run);
-                    slot.flight = Arc::clone(&q.flight);
-                    q.start.take().map(|s| (s, id, run, q.span.clone()))
+        let me = self.id;
+        // Usually nothing is queued: the slot is removed by reference (no key to clone), and
+        // dropped outside the shard lock.
+        let removed = self
+            .inner
+            .flights
+            .remove_if(&self.rk, |_, s| s.id == me && s.queued.is_none());
+        let next = match removed {
+            Some(_) => None,
+            None => match self.inner.flights.get_mut(&self.rk) {
+                Some(mut slot) if slot.id == me => {
+                    // Only this run takes its queued run, and a `Replace` changes the id, so
+                    // one is there.
+                    slot.queued.take().and_then(|mut q| {
+                        let id = self.inner.next_run.0.fetch_add(1, Ordering::Relaxed);
+                        let run = RunHandle::new();
+                        slot.id = id;
+                        slot.span = q.span.clone();
+                        slot.run = Arc::clone(&run);
+                        slot.flight = Arc::clone(&q.flight);
+                        q.start.take().map(|s| (s, id, run, q.span.clone()))
+                    })
                 }
-                None => {
-                    o.remove();
-                    None
-                }
+                _ => None,
             },
-            _ => None,
         };
         // Published only once the entry is gone (or handed to the queued run): a caller who
         // arrives after the run has ended must start a new run, not join the finished one.
@@ -1049,7 +1058,7 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         if let Some((start, id, run, span)) = next {
             start(id, run, span);
         }
-        self.inner.maybe_sweep();
+        self.inner.maybe_sweep(me);
     }
 }
 
@@ -1128,8 +1137,10 @@ impl Drop for Lead {
     }
 }
 
-/// A lock held for one run: local, or a lease on a shared backend kept alive by a renew task.
-enum HeldLock {
+/// A lock held for one run: local (taken at once, borrowing the set and the run's key; or
+/// after a wait), or a lease on a shared backend kept alive by a renew task.
+enum HeldLock<'a> {
+    Now(KeyRef<'a, RunKey, RunKeyHash>),
     Local(KeyLock),
     Lease {
         lease: Lease,
@@ -1137,9 +1148,10 @@ enum HeldLock {
     },
 }
 
-impl HeldLock {
+impl HeldLock<'_> {
     fn token(&self) -> FencingToken {
         match self {
+            HeldLock::Now(g) => g.token(),
             HeldLock::Local(g) => g.token(),
             HeldLock::Lease { lease, .. } => lease.token,
         }
@@ -1321,24 +1333,25 @@ impl Inner {
         run.instrument(span)
     }
 
-    async fn lock(
-        &self,
-        rk: &RunKey,
+    async fn lock<'a>(
+        &'a self,
+        rk: &'a RunKey,
         policy: &JobPolicy,
         run: &Arc<RunHandle>,
-    ) -> Result<HeldLock, JobError> {
+    ) -> Result<HeldLock<'a>, JobError> {
         match &self.coord {
             None => {
                 let r = if policy.lock_wait.is_zero() {
-                    self.locks.try_acquire(rk.clone()).ok_or(None)
+                    self.locks.try_lock(rk).map(HeldLock::Now).ok_or(None)
                 } else {
                     // Boxed, as every wait is: the run's future stays small for the usual case.
                     Box::pin(self.locks.acquire(rk.clone(), policy.lock_wait))
                         .await
+                        .map(HeldLock::Local)
                         .map_err(Some)
                 };
                 match r {
-                    Ok(g) => Ok(HeldLock::Local(g)),
+                    Ok(held) => Ok(held),
                     Err(None) => Err(JobError::Busy {
                         job: rk.job.clone(),
                         key: rk.key.clone(),
@@ -1361,7 +1374,7 @@ impl Inner {
         rk: &RunKey,
         policy: &JobPolicy,
         run: &Arc<RunHandle>,
-    ) -> Result<HeldLock, JobError> {
+    ) -> Result<HeldLock<'static>, JobError> {
         let start = Instant::now();
         let give_up = add_saturating(start, policy.lock_wait);
         loop {
@@ -1437,8 +1450,9 @@ impl Inner {
         });
     }
 
-    async fn unlock(&self, held: HeldLock) {
+    async fn unlock(&self, held: HeldLock<'_>) {
         match held {
+            HeldLock::Now(g) => drop(g),
             HeldLock::Local(g) => drop(g),
             HeldLock::Lease { lease, stop_renew } => {
                 stop_renew.cancel();
@@ -1809,10 +1823,20 @@ impl Inner {
         }
     }
 
-    fn maybe_sweep(&self) {
-        let n = self.since_sweep.0.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= 4096 && n as usize >= self.keys.len() / 2 {
-            self.since_sweep.0.store(0, Ordering::Relaxed);
+    /// Sweeps once at least 4,096 runs, and half as many runs as there are keys, have started
+    /// since the last sweep (`id` is this run's, from `next_run`): amortised O(1) per run. Only
+    /// reads a shared line per run; it is written once per sweep.
+    fn maybe_sweep(&self, id: u64) {
+        let last = self.last_sweep.0.load(Ordering::Relaxed);
+        let n = id.saturating_sub(last);
+        if n >= 4096
+            && n as usize >= self.keys.len() / 2
+            && self
+                .last_sweep
+                .0
+                .compare_exchange(last, id, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             // Amortised sweep: drop idle keys but keep the tables' capacity, so a steady stream
             // of new keys does not shrink and regrow them every 4,096 runs.
             self.prune(false);
