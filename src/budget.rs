@@ -20,9 +20,10 @@ const NOT_CANCELLED: u8 = 0;
 
 /// The cancellation of one run from outside (replace, shutdown, lease lost): a reason that
 /// every check reads in one load, and a [`CancellationToken`] made only when something has to
-/// wait on it or hand it on (a limit wait, a backoff sleep, a deadline's child token, a job
-/// asking its context). Most runs never wait, and a token costs an allocation and a mutex
-/// operation per clone, drop and check.
+/// wait on it or hand it on (an attempt that does not finish at its first poll, a limit wait,
+/// a backoff sleep, a deadline's child token, a job asking its context). A run that finishes
+/// at once never makes one, and a token costs an allocation and a mutex operation per clone,
+/// drop and check.
 #[derive(Debug, Default)]
 pub(crate) struct RunSignal {
     reason: AtomicU8,
