@@ -55,6 +55,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -424,17 +425,26 @@ async fn timer(inner: Arc<Inner>, t: Arc<TriggerState>, mut planner: Planner, st
             if !span.is_disabled() {
                 span.record("job.misfired", plan.misfired());
             }
-            let fire = (t.job.fire)(&inner.ctl, &t.key, false);
-            let inner2 = Arc::clone(&inner);
-            // The run is offered, not awaited: the loop never waits for a job.
-            inner.ctl.spawn_tracked(
-                async move {
-                    let r = fire.await;
-                    inner2.outcomes.count(&r);
+            let mut fire = (t.job.fire)(&inner.ctl, &t.key, false).instrument(span);
+            // The run's first poll happens here, in this trigger's own task: a run that ends
+            // at once (a quick job, a refusal, a join) costs no task. One that waits goes on in
+            // a task of its own, so the loop never waits for a job.
+            match (&mut fire).now_or_never() {
+                Some(r) => {
+                    let _in = fire.span().enter();
+                    inner.outcomes.count(&r);
                     crate::telemetry::record_outcome(&r);
                 }
-                .instrument(span),
-            );
+                None => {
+                    let inner2 = Arc::clone(&inner);
+                    inner.ctl.spawn_tracked(async move {
+                        let r = (&mut fire).await;
+                        let _in = fire.span().enter();
+                        inner2.outcomes.count(&r);
+                        crate::telemetry::record_outcome(&r);
+                    });
+                }
+            }
         }
     }
 }
