@@ -115,9 +115,17 @@ fn run_key_hasher() -> &'static std::hash::RandomState {
 impl RunKey {
     /// A run key.
     pub fn new(job: &str, key: &str) -> Self {
+        Self::with_hash(Self::hash_of(job, key), job, key)
+    }
+
+    fn hash_of(job: &str, key: &str) -> u64 {
         use std::hash::BuildHasher;
+        run_key_hasher().hash_one((job, key))
+    }
+
+    fn with_hash(hash: u64, job: &str, key: &str) -> Self {
         Self {
-            hash: run_key_hasher().hash_one((job, key)),
+            hash,
             job: job.into(),
             key: key.into(),
         }
@@ -131,6 +139,52 @@ impl RunKey {
         &self.key
     }
 }
+
+/// A (job, key) a [`RunKey`] map can be searched by without building a `RunKey` (which
+/// allocates both strings): `map.get(&Probe { .. } as &dyn KeyParts)`.
+trait KeyParts {
+    fn parts(&self) -> (u64, &str, &str);
+}
+
+impl KeyParts for RunKey {
+    fn parts(&self) -> (u64, &str, &str) {
+        (self.hash, &self.job, &self.key)
+    }
+}
+
+/// A borrowed (job, key) with its hash.
+struct Probe<'a> {
+    hash: u64,
+    job: &'a str,
+    key: &'a str,
+}
+
+impl KeyParts for Probe<'_> {
+    fn parts(&self) -> (u64, &str, &str) {
+        (self.hash, self.job, self.key)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for RunKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+/// Hashes as [`RunKey`] does (its stored hash), so both find the same entries.
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.parts().0);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
 
 impl fmt::Debug for RunKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -751,6 +805,10 @@ impl JobRuntimeController {
         clean
     }
 
+    /// Admission (steps 1 and 2) is synchronous, so the future a caller holds keeps little
+    /// across its awaits: the flight and, for the leader, the boxed run. (A thousand callers
+    /// joining one run hold a thousand of these futures.) Only a coordinator's cooldown check
+    /// awaits before admission, in a boxed future of its own.
     async fn start<T, F, Fut>(
         &self,
         job: &str,
@@ -764,8 +822,72 @@ impl JobRuntimeController {
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
+        if !force
+            && let Some(c) = &self.inner.coord
+            && !self.inner.closed.load(Ordering::Acquire)
+            && !self.inner.cooling_locally(job, key)
+        {
+            Box::pin(self.inner.backend_cooldown(c, job, key)).await?;
+        }
+        match self.admit(job, key, policy, force, f)? {
+            Admitted::Join(flight) => flight.wait().await,
+            Admitted::Lead(flight, lead) => {
+                lead.await;
+                flight.wait().await
+            }
+        }
+    }
+
+    /// Steps 1 and 2 for one call: refuse it, join the run in flight, or start (lead) one.
+    fn admit<T, F, Fut>(
+        &self,
+        job: &str,
+        key: &str,
+        policy: &JobPolicy,
+        force: bool,
+        f: F,
+    ) -> Result<Admitted<T>, JobError>
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
         let inner = &self.inner;
-        let rk = RunKey::new(job, key);
+        let hash = RunKey::hash_of(job, key);
+        let policy = inner.config.effective_policy(job, policy);
+        if let Some(g) = &policy.group
+            && !inner.limits.has_group(g)
+        {
+            return Err(inner.unknown_group(&RunKey::with_hash(hash, job, key), g));
+        }
+        // A caller that joins the run in flight needs no key of its own: it looks the slot up
+        // under the shard's read lock with borrowed strings, and checks the cooldown on the
+        // slot's record (the key's).
+        if policy.overlap == Overlap::Coalesce
+            && !inner.closed.load(Ordering::Acquire)
+            && let Some(slot) = inner
+                .flights
+                .get(&Probe { hash, job, key } as &dyn KeyParts)
+        {
+            let rk = slot.key();
+            let joined = match slot.record.cooldown_remaining().filter(|_| !force) {
+                Some(remaining) => {
+                    slot.record.data().cooldown_rejections += 1;
+                    Err(cooling(rk, remaining))
+                }
+                None => downcast::<T>(&slot.flight, rk).inspect(|_| {
+                    slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
+                    inner.coalesced(rk, slot.id, &slot.span);
+                }),
+            };
+            drop(slot);
+            return match joined {
+                Ok(flight) => Ok(Admitted::Join(flight)),
+                Err(e @ JobError::CoolingDown { .. }) => Err(inner.skipped(e)),
+                Err(e) => Err(e),
+            };
+        }
+        let rk = RunKey::with_hash(hash, job, key);
         if inner.closed.load(Ordering::Acquire) {
             return Err(JobError::Cancelled {
                 job: rk.job,
@@ -773,40 +895,16 @@ impl JobRuntimeController {
                 reason: CancelReason::Shutdown,
             });
         }
-        let policy = inner.config.effective_policy(job, policy);
-        if let Some(g) = &policy.group
-            && !inner.limits.has_group(g)
-        {
-            return Err(inner.unknown_group(&rk, g));
-        }
 
-        // 1. cooldown
+        // 1. cooldown (a backend's, if any, was asked before admission unless this one says
+        //    the key is cooling)
         let existing = inner.keys.get(&rk).map(|r| Arc::clone(r.value()));
-        if !force {
-            if let Some(rec) = &existing
-                && let Some(remaining) = rec.cooldown_remaining()
-            {
-                rec.data().cooldown_rejections += 1;
-                return Err(inner.skipped(cooling(&rk, remaining)));
-            }
-            if let Some(c) = &inner.coord {
-                match c.cooldown_remaining(job, key).await {
-                    Ok(None) => {}
-                    Ok(Some(remaining)) => {
-                        if let Some(rec) = &existing {
-                            rec.data().cooldown_rejections += 1;
-                        }
-                        return Err(inner.skipped(cooling(&rk, remaining)));
-                    }
-                    Err(e) => {
-                        return Err(JobError::Backend {
-                            job: rk.job,
-                            key: rk.key,
-                            source: e.0,
-                        });
-                    }
-                }
-            }
+        if !force
+            && let Some(rec) = &existing
+            && let Some(remaining) = rec.cooldown_remaining()
+        {
+            rec.data().cooldown_rejections += 1;
+            return Err(inner.skipped(cooling(&rk, remaining)));
         }
 
         // 2. in flight?
@@ -921,13 +1019,13 @@ impl JobRuntimeController {
                 prev,
                 span,
             );
-            Lead {
+            let lead = Lead {
                 run: Some(run),
                 tracker: inner.tracker.token(),
-            }
-            .await;
+            };
+            return Ok(Admitted::Lead(flight, lead));
         }
-        flight.wait().await
+        Ok(Admitted::Join(flight))
     }
 
     /// A closure that starts a queued run later, from the task of the run before it.
@@ -956,6 +1054,14 @@ impl JobRuntimeController {
             }
         })
     }
+}
+
+/// What admission decided for one call.
+enum Admitted<T> {
+    /// Wait for this run's result (the run in flight, or the one queued behind it).
+    Join(Arc<Flight<T>>),
+    /// This caller started the run: poll it, then read its result.
+    Lead(Arc<Flight<T>>, Lead),
 }
 
 fn cooling(rk: &RunKey, remaining: Duration) -> JobError {
@@ -1178,6 +1284,39 @@ impl Inner {
                 duration,
                 error,
             });
+        }
+    }
+
+    /// Whether this process's record of the key says it is cooling down (then admission
+    /// refuses the call without asking a backend).
+    fn cooling_locally(&self, job: &str, key: &str) -> bool {
+        let hash = RunKey::hash_of(job, key);
+        self.keys
+            .get(&Probe { hash, job, key } as &dyn KeyParts)
+            .is_some_and(|rec| rec.cooldown_remaining().is_some())
+    }
+
+    /// Step 1 on a shared backend: the cooldown recorded there (by any replica).
+    async fn backend_cooldown(
+        &self,
+        c: &Arc<dyn Coordinator>,
+        job: &str,
+        key: &str,
+    ) -> Result<(), JobError> {
+        match c.cooldown_remaining(job, key).await {
+            Ok(None) => Ok(()),
+            Ok(Some(remaining)) => {
+                let rk = RunKey::new(job, key);
+                if let Some(rec) = self.keys.get(&rk) {
+                    rec.data().cooldown_rejections += 1;
+                }
+                Err(self.skipped(cooling(&rk, remaining)))
+            }
+            Err(e) => Err(JobError::Backend {
+                job: job.into(),
+                key: key.into(),
+                source: e.0,
+            }),
         }
     }
 
