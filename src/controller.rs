@@ -685,6 +685,18 @@ impl JobRuntimeController {
             })
     }
 
+    /// The record of (`job`, `key`), made if there is none. Housekeeping keeps a record while
+    /// anything else holds it: the runtime holds its triggers' records for its whole life.
+    pub(crate) fn pin(&self, job: &str, key: &str) -> Arc<KeyRecord> {
+        Arc::clone(
+            self.inner
+                .keys
+                .entry(RunKey::new(job, key))
+                .or_insert_with(|| Arc::new(KeyRecord::new()))
+                .value(),
+        )
+    }
+
     /// The status of (`job`, `key`), or `None` when the key has no state (never ran, or idle
     /// and pruned after its cooldown and retention).
     pub fn status(&self, job: &str, key: &str) -> Option<KeyStatus> {
@@ -887,18 +899,21 @@ impl JobRuntimeController {
                 Err(e) => Err(e),
             };
         }
-        let rk = RunKey::with_hash(hash, job, key);
         if inner.closed.load(Ordering::Acquire) {
             return Err(JobError::Cancelled {
-                job: rk.job,
-                key: rk.key,
+                job: job.into(),
+                key: key.into(),
                 reason: CancelReason::Shutdown,
             });
         }
 
         // 1. cooldown (a backend's, if any, was asked before admission unless this one says
-        //    the key is cooling)
-        let existing = inner.keys.get(&rk).map(|r| Arc::clone(r.value()));
+        //    the key is cooling). A key with a record lends its `RunKey` (two reference
+        //    counts instead of two string allocations).
+        let (rk, existing) = match inner.keys.get(&Probe { hash, job, key } as &dyn KeyParts) {
+            Some(r) => (r.key().clone(), Some(Arc::clone(r.value()))),
+            None => (RunKey::with_hash(hash, job, key), None),
+        };
         if !force
             && let Some(rec) = &existing
             && let Some(remaining) = rec.cooldown_remaining()
