@@ -61,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::controller::{JobRuntimeController, KeyStatus};
+use crate::controller::{JobRuntimeController, KeyRecord, KeyStatus};
 use crate::error::{CancelReason, JobError};
 use crate::job::{Job, JobContext};
 use crate::schedule::{ClockReading, Planner, Schedule, Trigger};
@@ -242,6 +242,10 @@ struct TriggerState {
     trigger: Trigger,
     next_fire: Mutex<Option<SystemTime>>,
     counts: Counts,
+    /// The controller's record of (job, key), held so that housekeeping keeps it: the status
+    /// of a scheduled job (runs, last success, last error) lasts as long as the runtime, and
+    /// a fire finds the record instead of making one.
+    _record: Arc<KeyRecord>,
 }
 
 /// Outcomes of the runs the runtime fired.
@@ -336,6 +340,7 @@ impl Runtime {
             .into_iter()
             .map(|(t, schedule)| {
                 let state = Arc::new(TriggerState {
+                    _record: self.ctl.pin(&t.job, &t.key),
                     job: Arc::clone(&self.jobs[&t.job]),
                     key: t.key,
                     trigger: t.trigger,

@@ -157,6 +157,38 @@ async fn an_interval_fires_on_schedule_and_pause_skips_fires() {
     assert!(rt.pause("nope").is_err());
 }
 
+/// Housekeeping drops idle keys' records, but not those of a running runtime's triggers: their
+/// status (runs, last success) is there before the first fire and after every sweep, and goes
+/// with the runtime.
+#[tokio::test(start_paused = true)]
+async fn a_scheduled_jobs_status_outlives_housekeeping() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (job, runs) = counted("tick", ok);
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("tick", "k", Trigger::every(secs(10)).initial_delay(secs(5)))
+        .build()
+        .unwrap()
+        .start();
+    let before = rt.status()[0].run.clone().expect("a record from the start");
+    assert_eq!(before.runs, 0);
+    tokio::time::sleep(secs(26)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "at 5, 15, 25 s");
+    // An ad hoc key of the same job, idle since: swept.
+    ctl.run("tick", "ad hoc", &JobPolicy::default(), |_ctx| async { Ok(()) })
+        .await
+        .unwrap();
+    ctl.housekeep();
+    assert!(ctl.status("tick", "ad hoc").is_none());
+    let after = rt.status()[0].run.clone().expect("kept by the runtime");
+    assert_eq!((after.runs, after.successes), (3, 3));
+    assert!(after.last_success.is_some());
+    rt.shutdown(secs(1)).await;
+    drop(rt);
+    ctl.housekeep();
+    assert!(ctl.status("tick", "k").is_none(), "released with the runtime");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_job_still_running_at_its_next_fire_is_never_run_twice_at_once() {
     let ctl = JobRuntimeController::new(RuntimeConfig::default());
