@@ -14,6 +14,7 @@
 //!   the end of the first pass.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone};
 use chrono_tz::{GapInfo, Tz};
@@ -28,6 +29,95 @@ use super::nanos::{NANOS_PER_SEC, Nanos, floor_secs};
 pub(crate) struct CronSchedule {
     cron: Cron,
     zone: Tz,
+    day: DayCache,
+}
+
+const DAY_SECS: i64 = 86_400;
+
+/// A shortcut past croner's search for the fires of a day known to match.
+///
+/// croner matches a civil time when its year, month, day (day of month and day of week, with
+/// `L`, `W`, `#`) and its hour, minute and second each match, and the date's part depends on
+/// the date alone. So once croner has returned a match on some civil day, every (hour, minute,
+/// second) of that day whose three fields match is a match too, and the next one after a
+/// time of that day is found in three bitmasks. A timer asks for the next fire once per fire,
+/// and a schedule that fires several times a day asks about the day of its last fire: a
+/// bit scan (nanoseconds) instead of croner's search (hundreds of nanoseconds).
+#[derive(Debug)]
+struct DayCache {
+    /// Seconds, minutes and hours that match, as bits (bit n: the value n).
+    seconds: u64,
+    minutes: u64,
+    hours: u64,
+    /// The civil day (days since 1970-01-01) of croner's last answer; `i64::MIN` before the
+    /// first, and for good when a mask is empty (never for a schedule that parsed).
+    day: AtomicI64,
+}
+
+impl DayCache {
+    fn new(cron: &Cron) -> Self {
+        let mask = |n: u32, hit: &dyn Fn(u32) -> bool| {
+            (0..n).filter(|&v| hit(v)).fold(0u64, |m, v| m | 1 << v)
+        };
+        let p = &cron.pattern;
+        Self {
+            seconds: mask(60, &|v| p.second_match(v).unwrap_or(false)),
+            minutes: mask(60, &|v| p.minute_match(v).unwrap_or(false)),
+            hours: mask(24, &|v| p.hour_match(v).unwrap_or(false)),
+            day: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// The first match at or after the civil time `at` (seconds since 1970, as if UTC), if it
+    /// is on the day croner last answered about.
+    fn next_from(&self, at: i64) -> Option<i64> {
+        let day = at.div_euclid(DAY_SECS);
+        if day != self.day.load(Ordering::Relaxed) {
+            return None;
+        }
+        let sod = at.rem_euclid(DAY_SECS);
+        let (h, m, s) = (
+            (sod / 3600) as u32,
+            (sod / 60 % 60) as u32,
+            (sod % 60) as u32,
+        );
+        let first = |mask: u64| i64::from(mask.trailing_zeros());
+        let hms = |h: u32, m: i64, s: i64| day * DAY_SECS + i64::from(h) * 3600 + m * 60 + s;
+        if self.hours >> h & 1 == 1 {
+            if self.minutes >> m & 1 == 1
+                && let Some(s) = next_bit(self.seconds, s)
+            {
+                return Some(hms(h, i64::from(m), i64::from(s)));
+            }
+            if let Some(m) = next_bit(self.minutes, m + 1) {
+                return Some(hms(h, i64::from(m), first(self.seconds)));
+            }
+        }
+        let h = next_bit(self.hours, h + 1)?;
+        Some(hms(h, first(self.minutes), first(self.seconds)))
+    }
+
+    /// Records the civil day of a match croner returned (`at`, seconds since 1970 as if UTC).
+    fn learn(&self, at: i64) {
+        if self.seconds != 0 && self.minutes != 0 && self.hours != 0 {
+            self.day.store(at.div_euclid(DAY_SECS), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Clone for DayCache {
+    fn clone(&self) -> Self {
+        Self {
+            day: AtomicI64::new(self.day.load(Ordering::Relaxed)),
+            ..*self
+        }
+    }
+}
+
+/// The lowest set bit of `mask` at position `from` or above.
+fn next_bit(mask: u64, from: u32) -> Option<u32> {
+    let rest = mask & u64::MAX.checked_shl(from).unwrap_or(0);
+    (rest != 0).then(|| rest.trailing_zeros())
 }
 
 const SECOND: TimeDelta = TimeDelta::seconds(1);
@@ -52,25 +142,33 @@ impl CronSchedule {
                 expr: expr.to_owned(),
             });
         }
-        Ok(Self { cron, zone })
+        let day = DayCache::new(&cron);
+        Ok(Self { cron, zone, day })
     }
 
     /// The first fire strictly after `after`, or `None` when there is none (a year field that
     /// has run out, or past the year 4999, croner's limit).
     pub(crate) fn next_after(&self, after: Nanos) -> Option<Nanos> {
-        let at = DateTime::from_timestamp(floor_secs(after), 0)?.naive_utc();
         if self.zone == Tz::UTC {
             // No offset and no daylight saving: the civil time is the instant, and the first
             // match after the whole second `at` is after `after`. A timer asks this once per
             // fire; skipping the zone lookups saves about a third of it.
-            let t = self.cron.find_next_occurrence(&at, false).ok()?;
-            return Some(i128::from(t.and_utc().timestamp()) * NANOS_PER_SEC);
+            let at = floor_secs(after);
+            let t = match at.checked_add(1).and_then(|a| self.day.next_from(a)) {
+                Some(t) => t,
+                None => self
+                    .next_civil(DateTime::from_timestamp(at, 0)?.naive_utc())?
+                    .and_utc()
+                    .timestamp(),
+            };
+            return Some(i128::from(t) * NANOS_PER_SEC);
         }
+        let at = DateTime::from_timestamp(floor_secs(after), 0)?.naive_utc();
         let mut from = self.high_water(at);
         // `fire` is monotonic and `from` is the exact high-water mark, so the first candidate
         // is the answer; the loop only guards against a zone with back-to-back transitions.
         for _ in 0..10_000 {
-            let t = self.cron.find_next_occurrence(&from, false).ok()?;
+            let t = self.next_civil(from)?;
             let fire = self.fire(t)?;
             let nanos = i128::from(fire.and_utc().timestamp()) * NANOS_PER_SEC;
             if nanos > after {
@@ -79,6 +177,18 @@ impl CronSchedule {
             from = t;
         }
         None
+    }
+
+    /// croner's first match strictly after the civil time `from` (whole seconds), through the
+    /// [`DayCache`] when `from` is on the day of its last answer.
+    fn next_civil(&self, from: NaiveDateTime) -> Option<NaiveDateTime> {
+        let at = from.and_utc().timestamp().checked_add(1)?;
+        if let Some(t) = self.day.next_from(at) {
+            return DateTime::from_timestamp(t, 0).map(|d| d.naive_utc());
+        }
+        let t = self.cron.find_next_occurrence(&from, false).ok()?;
+        self.day.learn(t.and_utc().timestamp());
+        Some(t)
     }
 
     fn offset(&self, utc: NaiveDateTime) -> TimeDelta {
@@ -303,5 +413,69 @@ mod tests {
         assert!(!never_fires(&p("0 0 0 29 2 +MON"), "0 0 0 29 2 +MON"));
         assert!(!never_fires(&p("0 0 0 29 2 * 2028"), "0 0 0 29 2 * 2028"));
         assert!(never_fires(&p("0 0 0 29 2 * 2027"), "0 0 0 29 2 * 2027"));
+    }
+
+    /// The day cache answers exactly as croner does, fire after fire, across days, months,
+    /// leap days and the special day fields.
+    #[test]
+    fn the_day_cache_agrees_with_croner() {
+        let exprs = [
+            "* * * * * *",
+            "*/7 * * * * *",
+            "0 * * * * *",
+            "59 59 23 * * *",
+            "0,30 */13 1-3,22 * * *",
+            "15 0 0 * * *",
+            "0 0 12 L * *",
+            "0 30 9 15W * *",
+            "5 5 5 * * 5#3",
+            "0 0 */6 * * 1L",
+            "0 0 0 29 2 *",
+            "*/20 10 4 1,15 * MON-FRI",
+            "0 0 1 * * * 2026-2027",
+            "0 */15 * * 2,11 ?",
+        ];
+        let starts = [
+            "2025-12-31 23:59:58",
+            "2028-02-28 12:00:00",
+            "2026-03-29 00:59:59",
+        ];
+        for expr in exprs {
+            for start in starts {
+                let s = CronSchedule::new(expr, None).unwrap();
+                let mut ours = civil(start);
+                let mut theirs = ours;
+                for i in 0..3_000 {
+                    let want = s.cron.find_next_occurrence(&theirs, false).ok();
+                    let got = s.next_civil(ours);
+                    assert_eq!(got, want, "`{expr}` from {start}, fire {i}");
+                    let Some(t) = want else { break };
+                    (ours, theirs) = (t, t);
+                }
+                if ours != civil(start) {
+                    let day = s.day.day.load(Ordering::Relaxed);
+                    assert_ne!(day, i64::MIN, "`{expr}`: the cache was used");
+                }
+            }
+        }
+        // An empty mask never turns the cache on (a pattern that parsed has none; this is the
+        // guard for one that would).
+        let s = CronSchedule::new("* * * * * *", None).unwrap();
+        let empty = DayCache {
+            seconds: 0,
+            ..s.day.clone()
+        };
+        empty.learn(0);
+        assert_eq!(empty.next_from(1), None);
+    }
+
+    #[test]
+    fn next_bit_finds_the_lowest_bit_at_or_above() {
+        assert_eq!(next_bit(0b1010, 0), Some(1));
+        assert_eq!(next_bit(0b1010, 2), Some(3));
+        assert_eq!(next_bit(0b1010, 4), None);
+        assert_eq!(next_bit(1 << 59, 59), Some(59));
+        assert_eq!(next_bit(u64::MAX, 64), None);
+        assert_eq!(next_bit(u64::MAX, 200), None);
     }
 }
