@@ -8,9 +8,11 @@
 //! its policy, never run twice at once. A fire never waits for its run: the timer loop offers
 //! the run and goes back to sleep, so a slow, panicking or hanging job never delays the loop.
 //!
-//! Each trigger has a timer task (under the runtime's `TaskTracker`) driven by a
-//! [`Planner`]: it sleeps until the next fire on the tokio clock, then asks the planner what to
-//! fire, which applies the trigger's misfire policy and notices wall-clock jumps.
+//! Each trigger is driven by a [`Planner`], which applies the trigger's misfire policy and
+//! notices wall-clock jumps. The triggers are dealt to timer shards, one per tokio worker
+//! (under the runtime's `TaskTracker`): a shard's task sleeps on the tokio clock until the
+//! earliest of its triggers' next wakes (a heap of deadlines), then asks the planner of each
+//! trigger that is due what to fire.
 //!
 //! Shutdown: stop the triggers, then [`JobRuntimeController::shutdown`]: running jobs get
 //! `grace` to finish, then are cancelled (a job ignoring its token is abandoned after its
@@ -47,7 +49,8 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -64,7 +67,7 @@ use tracing::Instrument;
 use crate::controller::{JobRuntimeController, KeyRecord, KeyStatus};
 use crate::error::{CancelReason, JobError};
 use crate::job::{Job, JobContext};
-use crate::schedule::{ClockReading, Planner, Schedule, Trigger};
+use crate::schedule::{ClockReading, Plan, Planner, Schedule, Trigger};
 use crate::time::Instant;
 
 type Fire = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
@@ -332,7 +335,8 @@ impl ShutdownReport {
 }
 
 impl Runtime {
-    /// Starts every trigger's timer task. Must be called inside a tokio runtime.
+    /// Starts the timer shards (one task per tokio worker, at most one per trigger). Must be
+    /// called inside a tokio runtime.
     pub fn start(self) -> RuntimeHandle {
         let now = ClockReading::of(self.ctl.clock());
         let (triggers, schedules): (Vec<_>, Vec<_>) = self
@@ -358,7 +362,14 @@ impl Runtime {
             timers: TaskTracker::new(),
             outcomes: Outcomes::default(),
         });
-        for (t, schedule) in inner.triggers.iter().zip(schedules) {
+        // Shards of timers: as many as the tokio runtime has workers, triggers dealt round
+        // robin, so a burst of fires can spread over the workers.
+        let shards = tokio::runtime::Handle::current()
+            .metrics()
+            .num_workers()
+            .clamp(1, inner.triggers.len().max(1));
+        let mut slots: Vec<Vec<Slot>> = (0..shards).map(|_| Vec::new()).collect();
+        for (i, (t, schedule)) in inner.triggers.iter().zip(schedules).enumerate() {
             // Validated in `build`. An interval is anchored anew, now; a cron schedule does not
             // depend on its anchor, so the one `build` parsed is kept (parsing is most of what
             // registering a cron trigger costs). A cron whose last year ran out between `build`
@@ -374,81 +385,136 @@ impl Runtime {
             } else {
                 schedule
             };
-            let planner = Planner::new(schedule, now);
+            slots[i % shards].push(Slot {
+                t: Arc::clone(t),
+                planner: Planner::new(schedule, now),
+                last: now.mono,
+            });
+        }
+        for shard in slots.into_iter().filter(|s| !s.is_empty()) {
             inner
                 .timers
-                .spawn(timer(Arc::clone(&inner), Arc::clone(t), planner, now.mono));
+                .spawn(timers(Arc::clone(&inner), shard, now.mono));
         }
         RuntimeHandle { inner }
     }
 }
 
-/// The longest a timer sleeps without looking at the clocks (to notice wall-clock jumps).
+/// The longest a trigger goes without a look at the clocks (to notice wall-clock jumps).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
-/// The timer loop of one trigger; `start` is the monotonic time the planner was made at.
+/// How many due triggers a shard handles on one clock reading before it reads the clocks
+/// again (a burst of thousands of fires takes milliseconds; the later ones are judged, for
+/// misfires, against a reading at most this many fires old).
+const FIRES_PER_READING: u32 = 64;
+
+/// One trigger in a timer shard.
+struct Slot {
+    t: Arc<TriggerState>,
+    planner: Planner,
+    /// The monotonic time of its last wake (or of `start`).
+    last: Instant,
+}
+
+impl Slot {
+    /// When to wake this trigger next: its planner's deadline, or a minute after its last
+    /// wake, whichever comes first; `None` when it never fires again.
+    fn wake_at(&self) -> Option<Instant> {
+        *lock(&self.t.next_fire) = self.planner.next_fire();
+        let at = self.planner.deadline()?;
+        Some(at.min(crate::time::add_saturating(self.last, MAX_SLEEP)))
+    }
+}
+
+/// A shard of timers: one task sleeps until the earliest wake of its triggers (a heap of
+/// deadlines), then handles every trigger that is due. `start` is the monotonic time the
+/// planners were made at.
 ///
-/// One cancellation waiter and one timer entry serve the task's whole life: making them anew
-/// for every fire would register with the stop token (a lock every timer shares) and create a
-/// timer entry each time, which adds up when thousands of triggers are due at once.
-async fn timer(inner: Arc<Inner>, t: Arc<TriggerState>, mut planner: Planner, start: Instant) {
+/// One task, one timer entry and one cancellation waiter serve a whole shard: a task per
+/// trigger cost ~1 KB each and a tokio timer entry, wake and poll per fire, which adds up when
+/// thousands of triggers are due at once.
+async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: Instant) {
+    let mut heap: BinaryHeap<Reverse<(Instant, usize)>> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some(Reverse((s.wake_at()?, i))))
+        .collect();
     let stopped = inner.stop.cancelled();
     tokio::pin!(stopped);
     let sleep = tokio::time::sleep_until(start);
     tokio::pin!(sleep);
-    let mut last = start;
     loop {
-        *lock(&t.next_fire) = planner.next_fire();
-        let Some(at) = planner.deadline() else {
-            // Never fires again.
+        let Some(&Reverse((at, _))) = heap.peek() else {
+            // Nothing fires again.
             return;
         };
-        // A wall-clock jump is only seen on waking: wake at least once a minute to look.
-        let cap = crate::time::add_saturating(last, MAX_SLEEP);
-        sleep.as_mut().reset(at.min(cap));
+        sleep.as_mut().reset(at);
         tokio::select! {
             biased;
             _ = &mut stopped => return,
             _ = &mut sleep => {}
         }
-        let now = ClockReading::of(inner.ctl.clock());
-        last = now.mono;
-        let plan = planner.wake(now);
-        if plan.misfired() {
-            t.counts.misfires.fetch_add(1, Ordering::Relaxed);
-        }
-        if plan.clock_jump().is_some() {
-            t.counts.clock_jumps.fetch_add(1, Ordering::Relaxed);
-        }
-        if t.job.paused.load(Ordering::Relaxed) {
-            continue;
-        }
-        for _ in 0..plan.fires() {
-            t.counts.fires.fetch_add(1, Ordering::Relaxed);
-            // A root span per fire: the run's `job.run` span is its child.
-            let span = trigger_span(&inner, &t.job.name, &t.key, t.trigger.kind_name(), None);
-            if !span.is_disabled() {
-                span.record("job.misfired", plan.misfired());
+        let mut now = ClockReading::of(inner.ctl.clock());
+        let mut handled = 0u32;
+        while let Some(&Reverse((at, i))) = heap.peek() {
+            if at > now.mono {
+                break;
             }
-            let mut fire = (t.job.fire)(&inner.ctl, &t.key, false).instrument(span);
-            // The run's first poll happens here, in this trigger's own task: a run that ends
-            // at once (a quick job, a refusal, a join) costs no task. One that waits goes on in
-            // a task of its own, so the loop never waits for a job.
-            match (&mut fire).now_or_never() {
-                Some(r) => {
+            if inner.stop.is_cancelled() {
+                return;
+            }
+            heap.pop();
+            let slot = &mut slots[i];
+            slot.last = now.mono;
+            wake(&inner, &slot.t, slot.planner.wake(now));
+            if let Some(next) = slot.wake_at() {
+                heap.push(Reverse((next, i)));
+            }
+            handled += 1;
+            if handled.is_multiple_of(FIRES_PER_READING) {
+                now = ClockReading::of(inner.ctl.clock());
+            }
+        }
+    }
+}
+
+/// Counts what the planner decided at a trigger's wake and fires its runs (none if its job is
+/// paused).
+fn wake(inner: &Arc<Inner>, t: &TriggerState, plan: Plan) {
+    if plan.misfired() {
+        t.counts.misfires.fetch_add(1, Ordering::Relaxed);
+    }
+    if plan.clock_jump().is_some() {
+        t.counts.clock_jumps.fetch_add(1, Ordering::Relaxed);
+    }
+    if t.job.paused.load(Ordering::Relaxed) {
+        return;
+    }
+    for _ in 0..plan.fires() {
+        t.counts.fires.fetch_add(1, Ordering::Relaxed);
+        // A root span per fire: the run's `job.run` span is its child.
+        let span = trigger_span(inner, &t.job.name, &t.key, t.trigger.kind_name(), None);
+        if !span.is_disabled() {
+            span.record("job.misfired", plan.misfired());
+        }
+        let mut fire = (t.job.fire)(&inner.ctl, &t.key, false).instrument(span);
+        // The run's first poll happens here, in the shard's task: a run that ends at once (a
+        // quick job, a refusal, a join) costs no task. One that waits goes on in a task of its
+        // own, so the shard never waits for a job.
+        match (&mut fire).now_or_never() {
+            Some(r) => {
+                let _in = fire.span().enter();
+                inner.outcomes.count(&r);
+                crate::telemetry::record_outcome(&r);
+            }
+            None => {
+                let inner2 = Arc::clone(inner);
+                inner.ctl.spawn_tracked(async move {
+                    let r = (&mut fire).await;
                     let _in = fire.span().enter();
-                    inner.outcomes.count(&r);
+                    inner2.outcomes.count(&r);
                     crate::telemetry::record_outcome(&r);
-                }
-                None => {
-                    let inner2 = Arc::clone(&inner);
-                    inner.ctl.spawn_tracked(async move {
-                        let r = (&mut fire).await;
-                        let _in = fire.span().enter();
-                        inner2.outcomes.count(&r);
-                        crate::telemetry::record_outcome(&r);
-                    });
-                }
+                });
             }
         }
     }

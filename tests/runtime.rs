@@ -157,6 +157,79 @@ async fn an_interval_fires_on_schedule_and_pause_skips_fires() {
     assert!(rt.pause("nope").is_err());
 }
 
+/// Triggers of different periods share a timer task (one heap of deadlines): each fires on its
+/// own schedule, exactly.
+#[tokio::test(start_paused = true)]
+async fn triggers_sharing_a_timer_each_fire_on_their_own_schedule() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (job, _runs) = counted("tick", ok);
+    let mut b = Runtime::builder(&ctl).job(job);
+    for (key, period) in [("a", 3), ("b", 5), ("c", 7)] {
+        b = b.trigger("tick", key, Trigger::every(secs(period)));
+    }
+    let rt = b.build().unwrap().start();
+    tokio::time::sleep(secs(105) + Duration::from_millis(500)).await;
+    let fires: Vec<(String, u64)> = rt.status().into_iter().map(|t| (t.key, t.fires)).collect();
+    // At 0, p, 2p, … up to 105 s: 105 / p + 1 fires.
+    let expected = [("a", 36), ("b", 22), ("c", 16)].map(|(k, n)| (k.to_string(), n));
+    assert_eq!(fires, expected);
+    for t in rt.status() {
+        let run = t.run.unwrap();
+        assert_eq!(run.runs, t.fires, "{}: every fire ran", t.key);
+    }
+    assert!(rt.shutdown(secs(1)).await.clean);
+}
+
+/// On a multi-thread runtime the triggers are dealt to several timer tasks (one per worker):
+/// every trigger fires, none twice at once, and shutdown stops every timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_triggers_on_four_workers_all_fire_and_all_stop() {
+    const TRIGGERS: usize = 200;
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (job, runs) = counted("tick", ok);
+    let mut b = Runtime::builder(&ctl).job(job);
+    for i in 0..TRIGGERS {
+        b = b.trigger(
+            "tick",
+            &format!("k{i}"),
+            Trigger::every(Duration::from_millis(20)),
+        );
+    }
+    let rt = b.build().unwrap().start();
+    // Wait (no bound on speed asserted) until every trigger has fired three times.
+    let deadline = std::time::Instant::now() + secs(60);
+    while rt
+        .status()
+        .iter()
+        .any(|t| t.run.as_ref().unwrap().successes < 3)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a trigger stopped firing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = rt.shutdown(secs(5)).await;
+    assert!(report.clean);
+    let after = runs.load(Ordering::SeqCst);
+    assert_eq!(
+        report.finished(),
+        after,
+        "every fired run ended and was counted"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        after,
+        "no timer fires after shutdown"
+    );
+    for t in rt.status() {
+        let st = t.run.unwrap();
+        assert_eq!(st.runs, st.successes, "{}", t.key);
+        assert!(t.fires >= st.runs, "{}: a run per fire at most", t.key);
+    }
+}
+
 /// Housekeeping drops idle keys' records, but not those of a running runtime's triggers: their
 /// status (runs, last success) is there before the first fire and after every sweep, and goes
 /// with the runtime.
@@ -175,9 +248,11 @@ async fn a_scheduled_jobs_status_outlives_housekeeping() {
     tokio::time::sleep(secs(26)).await;
     assert_eq!(runs.load(Ordering::SeqCst), 3, "at 5, 15, 25 s");
     // An ad hoc key of the same job, idle since: swept.
-    ctl.run("tick", "ad hoc", &JobPolicy::default(), |_ctx| async { Ok(()) })
-        .await
-        .unwrap();
+    ctl.run("tick", "ad hoc", &JobPolicy::default(), |_ctx| async {
+        Ok(())
+    })
+    .await
+    .unwrap();
     ctl.housekeep();
     assert!(ctl.status("tick", "ad hoc").is_none());
     let after = rt.status()[0].run.clone().expect("kept by the runtime");
@@ -186,7 +261,10 @@ async fn a_scheduled_jobs_status_outlives_housekeeping() {
     rt.shutdown(secs(1)).await;
     drop(rt);
     ctl.housekeep();
-    assert!(ctl.status("tick", "k").is_none(), "released with the runtime");
+    assert!(
+        ctl.status("tick", "k").is_none(),
+        "released with the runtime"
+    );
 }
 
 #[tokio::test(start_paused = true)]
