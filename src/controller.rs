@@ -286,16 +286,30 @@ struct KeyData {
     last_start: Option<Instant>,
     last_success: Option<Instant>,
     last_duration: Option<Duration>,
+    fencing: Option<FencingToken>,
+    /// The attempt's last sign of life (its start, a heartbeat or a progress report), for
+    /// the heartbeat timeout.
+    last_beat: Option<Instant>,
+    /// What only some keys ever have (an error, progress, heartbeats), boxed so that a key
+    /// without them (most scheduled and cooling keys) does not carry ~140 bytes of `None`s.
+    rare: Option<Box<RareData>>,
+}
+
+impl KeyData {
+    fn rare(&mut self) -> &mut RareData {
+        self.rare.get_or_insert_with(Default::default)
+    }
+}
+
+/// The part of [`KeyData`] that is boxed.
+#[derive(Debug, Default)]
+struct RareData {
     last_error: Option<String>,
     last_error_kind: Option<&'static str>,
     last_error_trace_id: Option<String>,
     progress: Option<Progress>,
     last_heartbeat: Option<SystemTime>,
     heartbeat_details: Option<String>,
-    fencing: Option<FencingToken>,
-    /// The attempt's last sign of life (its start, a heartbeat or a progress report), for
-    /// the heartbeat timeout.
-    last_beat: Option<Instant>,
     /// Set when the heartbeat timeout fired, with how long the job had been silent.
     stuck_for: Option<Duration>,
 }
@@ -328,15 +342,16 @@ impl KeyRecord {
     }
 
     pub(crate) fn progress(&self, done: u64, total: u64) {
-        self.data().progress = Some(Progress { done, total });
+        self.data().rare().progress = Some(Progress { done, total });
     }
 
     pub(crate) fn heartbeat(&self, at: SystemTime, details: Option<&str>) {
         let mut d = self.data();
-        d.last_heartbeat = Some(at);
         d.last_beat = Some(Instant::now());
+        let rare = d.rare();
+        rare.last_heartbeat = Some(at);
         if let Some(s) = details {
-            d.heartbeat_details = Some(s.to_string());
+            rare.heartbeat_details = Some(s.to_string());
         }
     }
 
@@ -348,10 +363,12 @@ impl KeyRecord {
     fn status(&self, rk: &RunKey, now: Instant, clock: &Clock) -> KeyStatus {
         let d = self.data();
         let cooldown_remaining = cooldown::remaining(d.not_before, now);
+        let none = RareData::default();
+        let rare = d.rare.as_deref().unwrap_or(&none);
         KeyStatus {
             job: rk.job.to_string(),
             key: rk.key.to_string(),
-            state: if d.running && d.stuck_for.is_some() {
+            state: if d.running && rare.stuck_for.is_some() {
                 RunState::Stuck
             } else if d.running {
                 RunState::Running
@@ -369,13 +386,13 @@ impl KeyRecord {
             last_start: d.last_start.map(|t| clock.wall_at(t)),
             last_success: d.last_success.map(|t| clock.wall_at(t)),
             last_duration: d.last_duration,
-            last_error: d.last_error.clone(),
-            last_error_kind: d.last_error_kind,
-            last_error_trace_id: d.last_error_trace_id.clone(),
+            last_error: rare.last_error.clone(),
+            last_error_kind: rare.last_error_kind,
+            last_error_trace_id: rare.last_error_trace_id.clone(),
             cooldown_remaining,
-            progress: d.progress,
-            last_heartbeat: d.last_heartbeat,
-            heartbeat_details: d.heartbeat_details.clone(),
+            progress: rare.progress,
+            last_heartbeat: rare.last_heartbeat,
+            heartbeat_details: rare.heartbeat_details.clone(),
             fencing_token: d.fencing,
         }
     }
@@ -1111,7 +1128,7 @@ async fn watchdog(record: &KeyRecord, timeout: Duration) {
         let due = add_saturating(last, timeout);
         let now = Instant::now();
         if now >= due {
-            record.data().stuck_for = Some(now - last);
+            record.data().rare().stuck_for = Some(now - last);
             return;
         }
         tokio::time::sleep_until(due).await;
@@ -1196,8 +1213,9 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
                 let mut d = self.record.data();
                 d.running = false;
                 d.failures += 1;
-                d.last_error = Some(err.to_string());
-                d.last_error_kind = Some(err.kind());
+                let rare = d.rare();
+                rare.last_error = Some(err.to_string());
+                rare.last_error_kind = Some(err.kind());
                 d.keep_until = Some(add_saturating(now, self.inner.config.status_retention));
             }
             self.finish(Err(err));
@@ -1671,7 +1689,9 @@ impl Inner {
             d.running = true;
             d.runs += 1;
             d.last_start = Some(started);
-            d.progress = None;
+            if let Some(rare) = &mut d.rare {
+                rare.progress = None;
+            }
             d.fencing = Some(held.token());
         }
         self.event(EventKind::Started, rk, 1, None, None);
@@ -1720,7 +1740,9 @@ impl Inner {
     ) {
         let mut d = record.data();
         d.running = false;
-        d.stuck_for = None;
+        if let Some(rare) = &mut d.rare {
+            rare.stuck_for = None;
+        }
         d.last_duration = Some(took);
         let success = result.is_ok();
         let span = cooldown.span(success);
@@ -1733,9 +1755,10 @@ impl Inner {
             }
             Err(e) => {
                 d.failures += 1;
-                d.last_error = Some(e.to_string());
-                d.last_error_kind = Some(e.kind());
-                d.last_error_trace_id = crate::telemetry::current_trace_id();
+                let rare = d.rare();
+                rare.last_error = Some(e.to_string());
+                rare.last_error_kind = Some(e.kind());
+                rare.last_error_trace_id = crate::telemetry::current_trace_id();
             }
         }
     }
@@ -1839,7 +1862,9 @@ impl Inner {
             if policy.heartbeat_timeout.is_some() {
                 let mut d = record.data();
                 d.last_beat = Some(Instant::now());
-                d.stuck_for = None;
+                if let Some(rare) = &mut d.rare {
+                    rare.stuck_for = None;
+                }
             }
             // The job's own spans (and the future's) are children of this attempt's span.
             let aspan = tracing::info_span!(
@@ -1901,7 +1926,9 @@ impl Inner {
                 AttemptEnd::TimedOut(Limit::Heartbeat)
                 | AttemptEnd::Abandoned(Limit::Heartbeat) => {
                     let timeout = policy.heartbeat_timeout.unwrap_or_default();
-                    let silent_for = record.data().stuck_for.unwrap_or(timeout);
+                    let silent_for = (record.data().rare.as_ref())
+                        .and_then(|r| r.stuck_for)
+                        .unwrap_or(timeout);
                     let err = JobError::Stuck {
                         job: rk.job.clone(),
                         key: rk.key.clone(),
