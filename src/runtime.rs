@@ -67,7 +67,7 @@ use tracing::Instrument;
 use crate::controller::{JobRuntimeController, KeyRecord, KeyStatus};
 use crate::error::{CancelReason, JobError};
 use crate::job::{Job, JobContext};
-use crate::schedule::{ClockReading, Plan, Planner, Schedule, Trigger};
+use crate::schedule::{ClockReading, CronCache, Plan, Planner, Schedule, Trigger};
 use crate::time::Instant;
 
 type Fire = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
@@ -201,6 +201,7 @@ impl RuntimeBuilder {
         }
         let now = self.ctl.clock().wall_now();
         let mut triggers = Vec::with_capacity(self.triggers.len());
+        let mut crons = CronCache::default();
         for t in self.triggers {
             if !jobs.contains_key(&t.job) {
                 let mut known: Vec<_> = jobs.keys().map(|k| k.to_string()).collect();
@@ -214,7 +215,7 @@ impl RuntimeBuilder {
                     ),
                 ));
             }
-            let schedule = Schedule::new(&t.trigger, now)
+            let schedule = Schedule::new_cached(&t.trigger, now, &mut crons)
                 .map_err(|e| bad(&t.job, format!("trigger for key `{}`: {e}", t.key)))?;
             if schedule.next_after(now).is_none() {
                 return Err(bad(
@@ -242,7 +243,8 @@ struct Counts {
 struct TriggerState {
     job: Arc<Entry>,
     key: Arc<str>,
-    trigger: Trigger,
+    /// `interval` or `cron` (the trigger itself lives in its timer's planner).
+    kind: &'static str,
     next_fire: Mutex<Option<SystemTime>>,
     counts: Counts,
     /// The controller's record of (job, key), held so that housekeeping keeps it: the status
@@ -347,7 +349,7 @@ impl Runtime {
                     _record: self.ctl.pin(&t.job, &t.key),
                     job: Arc::clone(&self.jobs[&t.job]),
                     key: t.key,
-                    trigger: t.trigger,
+                    kind: t.trigger.kind_name(),
                     next_fire: Mutex::new(None),
                     counts: Counts::default(),
                 });
@@ -368,14 +370,16 @@ impl Runtime {
             .metrics()
             .num_workers()
             .clamp(1, inner.triggers.len().max(1));
-        let mut slots: Vec<Vec<Slot>> = (0..shards).map(|_| Vec::new()).collect();
+        let per_shard = inner.triggers.len().div_ceil(shards);
+        let mut slots: Vec<Vec<Slot>> =
+            (0..shards).map(|_| Vec::with_capacity(per_shard)).collect();
         for (i, (t, schedule)) in inner.triggers.iter().zip(schedules).enumerate() {
             // Validated in `build`. An interval is anchored anew, now; a cron schedule does not
             // depend on its anchor, so the one `build` parsed is kept (parsing is most of what
             // registering a cron trigger costs). A cron whose last year ran out between `build`
             // and `start` never fires: its status shows no next fire.
             let schedule = if schedule.compiled().is_elapsed_time() {
-                match Schedule::new(&t.trigger, now.wall) {
+                match Schedule::new(schedule.trigger(), now.wall) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(job = %t.job.name, key = %t.key, error = %e, "trigger not started");
@@ -388,7 +392,6 @@ impl Runtime {
             slots[i % shards].push(Slot {
                 t: Arc::clone(t),
                 planner: Planner::new(schedule, now),
-                last: now.mono,
             });
         }
         for shard in slots.into_iter().filter(|s| !s.is_empty()) {
@@ -412,8 +415,6 @@ const FIRES_PER_READING: u32 = 64;
 struct Slot {
     t: Arc<TriggerState>,
     planner: Planner,
-    /// The monotonic time of its last wake (or of `start`).
-    last: Instant,
 }
 
 impl Slot {
@@ -422,7 +423,9 @@ impl Slot {
     fn wake_at(&self) -> Option<Instant> {
         *lock(&self.t.next_fire) = self.planner.next_fire();
         let at = self.planner.deadline()?;
-        Some(at.min(crate::time::add_saturating(self.last, MAX_SLEEP)))
+        // The planner's last reading is the trigger's last wake (or `start`).
+        let last = self.planner.last_reading().mono;
+        Some(at.min(crate::time::add_saturating(last, MAX_SLEEP)))
     }
 }
 
@@ -465,7 +468,6 @@ async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: Instant) {
             }
             heap.pop();
             let slot = &mut slots[i];
-            slot.last = now.mono;
             wake(&inner, &slot.t, slot.planner.wake(now));
             if let Some(next) = slot.wake_at() {
                 heap.push(Reverse((next, i)));
@@ -493,7 +495,7 @@ fn wake(inner: &Arc<Inner>, t: &TriggerState, plan: Plan) {
     for _ in 0..plan.fires() {
         t.counts.fires.fetch_add(1, Ordering::Relaxed);
         // A root span per fire: the run's `job.run` span is its child.
-        let span = trigger_span(inner, &t.job.name, &t.key, t.trigger.kind_name(), None);
+        let span = trigger_span(inner, &t.job.name, &t.key, t.kind, None);
         if !span.is_disabled() {
             span.record("job.misfired", plan.misfired());
         }

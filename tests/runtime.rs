@@ -123,6 +123,46 @@ async fn an_every_second_cron_fires_86400_times_in_a_simulated_day() {
     assert_eq!(rt.status()[0].misfires, 0);
 }
 
+/// A timer whose next fire is an hour away still looks at the wall clock within a minute:
+/// a jump of the clock is noticed and the cron's next fire is recomputed from the new time.
+#[cfg(feature = "cron")]
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_jump_is_noticed_within_a_minute_by_an_idle_timer() {
+    use job_runtime::time::Clock;
+    use std::time::UNIX_EPOCH;
+    // 2024-05-06T07:08:09Z
+    let wall0 = UNIX_EPOCH + secs(1_714_979_289);
+    let clock = Clock::with_wall_start(wall0);
+    let ctl = JobRuntimeController::with_clock(RuntimeConfig::default(), clock.clone());
+    let (job, runs) = counted("hourly", ok);
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("hourly", "k", Trigger::cron("0 0 * * * *"))
+        .build()
+        .unwrap()
+        .start();
+    let at = |h: u64| UNIX_EPOCH + secs(1_714_953_600 + h * 3600); // 2024-05-06 h:00Z
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!(rt.status()[0].next_fire, Some(at(8)));
+    // Three hours forward, ten seconds in.
+    tokio::time::sleep(secs(9)).await;
+    clock.shift_wall(3 * 3600 * 1_000_000_000);
+    tokio::time::sleep(secs(55)).await;
+    let t = &rt.status()[0];
+    assert_eq!(t.clock_jumps, 1, "noticed at the once-a-minute look");
+    assert_eq!(
+        t.next_fire,
+        Some(at(11)),
+        "replanned from the new wall time"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "nothing fires for the skipped hours"
+    );
+    assert!(rt.shutdown(secs(1)).await.clean);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_interval_fires_on_schedule_and_pause_skips_fires() {
     let ctl = JobRuntimeController::new(RuntimeConfig::default());

@@ -8,7 +8,10 @@
 //! Target: ≤ 2 µs plus parsing, and ≤ 1 KB.
 //!
 //! Parsing is measured on its own (`parse/*`), and ours is also timed with `Trigger::every`,
-//! which parses nothing.
+//! which parses nothing. Cron triggers are registered two ways: `cron`, every job on one
+//! expression (the triggers of a runtime that share an expression and zone share one parsed
+//! pattern, so this is one parse per batch), and `cron_distinct`, every job on its own
+//! expression (a parse and a ~5.5 KB croner pattern each).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,14 +22,16 @@ use job_runtime::{JobRuntimeController, RuntimeConfig};
 use tokio_cron_scheduler::{Job as TcsJob, JobScheduler};
 
 use crate::heap::{live_bytes, start_counting, stop_counting};
-use crate::support::{Probe, Recorder, current_thread, far_cron, job_name, summary_row};
+use crate::support::{
+    Probe, Recorder, current_thread, far_cron, far_cron_distinct, job_name, summary_row,
+};
 
 const BATCH: usize = 1_000;
 
 /// An hour, so nothing registered here fires while measured.
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn every_hour() -> Trigger {
+fn every_hour(_: usize) -> Trigger {
     Trigger::every(HOUR).initial_delay(HOUR)
 }
 
@@ -44,11 +49,11 @@ fn probes(n: usize, rec: &'static Recorder) -> Vec<Probe> {
 fn register(
     ctl: &JobRuntimeController,
     probes: &mut Vec<Probe>,
-    trigger: &dyn Fn() -> Trigger,
+    trigger: &dyn Fn(usize) -> Trigger,
 ) -> RuntimeBuilder {
     let mut b = Runtime::builder(ctl);
-    for p in probes.drain(..) {
-        b = b.trigger(&p.name, "all", trigger()).job(p);
+    for (i, p) in probes.drain(..).enumerate() {
+        b = b.trigger(&p.name, "all", trigger(i)).job(p);
     }
     b
 }
@@ -70,8 +75,11 @@ pub(crate) fn bench(c: &mut Criterion) {
 
     // Ours: builder + `BATCH` × (job + trigger) + build.
     for (name, trigger) in [
-        ("ours/build/every", &every_hour as &dyn Fn() -> Trigger),
-        ("ours/build/cron", &|| Trigger::cron(far.clone())),
+        ("ours/build/every", &every_hour as &dyn Fn(usize) -> Trigger),
+        ("ours/build/cron", &|_| Trigger::cron(far.clone())),
+        ("ours/build/cron_distinct", &|i| {
+            Trigger::cron(far_cron_distinct(i))
+        }),
     ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -93,9 +101,12 @@ pub(crate) fn bench(c: &mut Criterion) {
     for (name, trigger) in [
         (
             "ours/build+start/every",
-            &every_hour as &dyn Fn() -> Trigger,
+            &every_hour as &dyn Fn(usize) -> Trigger,
         ),
-        ("ours/build+start/cron", &|| Trigger::cron(far.clone())),
+        ("ours/build+start/cron", &|_| Trigger::cron(far.clone())),
+        ("ours/build+start/cron_distinct", &|i| {
+            Trigger::cron(far_cron_distinct(i))
+        }),
     ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -181,8 +192,16 @@ pub(crate) fn bytes(_c: &mut Criterion) {
     let per = |b: isize| b as f64 / N as f64;
 
     for (label, trigger) in [
-        ("ours, Trigger::every", &every_hour as &dyn Fn() -> Trigger),
-        ("ours, Trigger::cron", &|| Trigger::cron(far.clone())),
+        (
+            "ours, Trigger::every",
+            &every_hour as &dyn Fn(usize) -> Trigger,
+        ),
+        ("ours, Trigger::cron, one expression", &|_| {
+            Trigger::cron(far.clone())
+        }),
+        ("ours, Trigger::cron, distinct expressions", &|i| {
+            Trigger::cron(far_cron_distinct(i))
+        }),
     ] {
         let (built, started) = rt.block_on(async {
             let ctl = JobRuntimeController::new(RuntimeConfig::default());

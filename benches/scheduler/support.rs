@@ -67,6 +67,17 @@ pub(crate) fn far_cron() -> String {
     format!("0 0 {hour} * * *")
 }
 
+/// A cron expression of its own for job `i` (up to 10,800 distinct ones), each firing at
+/// least an hour from now, like [`far_cron`].
+pub(crate) fn far_cron_distinct(i: usize) -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let hour = (secs / 3600 + 2 + (i / 3600) as u64) % 24;
+    format!("{} {} {hour} * * *", i % 60, i / 60 % 60)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fire times
 

@@ -1,5 +1,9 @@
 //! `Schedule`: a validated trigger that answers "when is the next fire after t?".
 
+#[cfg(feature = "cron")]
+use std::collections::HashMap;
+#[cfg(feature = "cron")]
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::Trigger;
@@ -34,7 +38,15 @@ pub struct Schedule {
 pub(crate) enum Compiled {
     Every(Every),
     #[cfg(feature = "cron")]
-    Cron(Box<CronSchedule>),
+    Cron(Arc<CronSchedule>),
+}
+
+/// Parsed cron expressions by (expression, time zone), so that the triggers of one runtime
+/// that share an expression share one parsed pattern (croner's is ~5.5 KB) and one parse.
+#[derive(Debug, Default)]
+pub(crate) struct CronCache {
+    #[cfg(feature = "cron")]
+    parsed: HashMap<(String, Option<String>), Arc<CronSchedule>>,
 }
 
 impl Schedule {
@@ -45,8 +57,18 @@ impl Schedule {
     /// or one that never fires (30 February: detected here, in a few milliseconds at most), an
     /// unknown time zone, or `CatchUp { max: 0 }`.
     pub fn new(trigger: &Trigger, start: SystemTime) -> Result<Self, ScheduleError> {
+        Self::new_cached(trigger, start, &mut CronCache::default())
+    }
+
+    /// [`Schedule::new`], taking a cron trigger's parsed expression from `cache` when an
+    /// earlier trigger had the same expression and zone (and adding it when not).
+    pub(crate) fn new_cached(
+        trigger: &Trigger,
+        start: SystemTime,
+        cache: &mut CronCache,
+    ) -> Result<Self, ScheduleError> {
         Ok(Self {
-            compiled: Compiled::new(trigger, nanos::from_system(start))?,
+            compiled: Compiled::new(trigger, nanos::from_system(start), cache)?,
             trigger: trigger.clone(),
             start,
         })
@@ -76,7 +98,11 @@ impl Schedule {
 
 impl Compiled {
     /// Validates `t` and compiles it, anchored at `start` (nanoseconds since the epoch).
-    pub(crate) fn new(t: &Trigger, start: Nanos) -> Result<Self, ScheduleError> {
+    pub(crate) fn new(
+        t: &Trigger,
+        start: Nanos,
+        #[cfg_attr(not(feature = "cron"), allow(unused_variables))] cache: &mut CronCache,
+    ) -> Result<Self, ScheduleError> {
         let invalid = |option: &'static str, value: String, problem: &str, expected: &str| {
             ScheduleError::InvalidOption {
                 option,
@@ -151,8 +177,13 @@ impl Compiled {
                         "a seed only on `Trigger::every`",
                     ));
                 }
-                let cron = CronSchedule::new(expr, t.zone.as_deref())?;
-                Ok(Compiled::Cron(Box::new(cron)))
+                let key = (expr.clone(), t.zone.clone());
+                if let Some(cron) = cache.parsed.get(&key) {
+                    return Ok(Compiled::Cron(Arc::clone(cron)));
+                }
+                let cron = Arc::new(CronSchedule::new(expr, t.zone.as_deref())?);
+                cache.parsed.insert(key, Arc::clone(&cron));
+                Ok(Compiled::Cron(cron))
             }
         }
     }
@@ -192,5 +223,48 @@ impl Compiled {
     /// Whether the schedule follows elapsed time (intervals) rather than the wall clock.
     pub(crate) fn is_elapsed_time(&self) -> bool {
         matches!(self, Compiled::Every(_))
+    }
+}
+
+#[cfg(all(test, feature = "cron"))]
+mod tests {
+    use super::*;
+
+    /// Triggers with one expression and zone share one parsed pattern (and its day cache);
+    /// each still answers exactly what a schedule of its own answers, fire by fire, while the
+    /// others ask about other days in between.
+    #[test]
+    fn triggers_on_one_expression_share_one_pattern_and_agree_with_their_own() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        let expr = "0 */7 9-17 * * MON-FRI";
+        let mut cache = CronCache::default();
+        let shared: Vec<Schedule> = (0..3)
+            .map(|_| Schedule::new_cached(&Trigger::cron(expr), start, &mut cache).unwrap())
+            .collect();
+        let berlin = Trigger::cron(expr).time_zone("Europe/Berlin");
+        let other_zone = Schedule::new_cached(&berlin, start, &mut cache).unwrap();
+        let pattern = |s: &Schedule| match s.compiled() {
+            Compiled::Cron(c) => Arc::clone(c),
+            Compiled::Every(_) => unreachable!("a cron trigger"),
+        };
+        assert!(Arc::ptr_eq(&pattern(&shared[0]), &pattern(&shared[1])));
+        assert!(Arc::ptr_eq(&pattern(&shared[0]), &pattern(&shared[2])));
+        assert!(!Arc::ptr_eq(&pattern(&shared[0]), &pattern(&other_zone)));
+        assert_eq!(cache.parsed.len(), 2);
+
+        let own = Schedule::new(&Trigger::cron(expr), start).unwrap();
+        // Each shared schedule walks from its own start (0, 3 and 11 days later), in turns.
+        let mut at: Vec<SystemTime> = [0, 3, 11]
+            .map(|d| start + Duration::from_secs(d * 86_400))
+            .to_vec();
+        for _ in 0..500 {
+            for (s, t) in shared.iter().zip(at.iter_mut()) {
+                let next = s.next_after(*t).unwrap();
+                assert_eq!(Some(next), own.next_after(*t), "after {t:?}");
+                *t = next;
+            }
+        }
+        // And a different zone is a different schedule.
+        assert_ne!(other_zone.next_after(start), own.next_after(start));
     }
 }

@@ -149,6 +149,7 @@ mod nanos;
 mod planner;
 mod trigger;
 
+pub(crate) use compiled::CronCache;
 pub use compiled::Schedule;
 pub use error::ScheduleError;
 pub use planner::{

@@ -147,6 +147,11 @@ impl Planner {
         &self.schedule
     }
 
+    /// The clocks as of the last [`wake`](Self::wake) (or [`new`](Self::new)).
+    pub fn last_reading(&self) -> ClockReading {
+        self.last
+    }
+
     /// The next planned fire in wall time, or `None` if the schedule never fires again.
     pub fn next_fire(&self) -> Option<SystemTime> {
         nanos::to_system(self.due?)

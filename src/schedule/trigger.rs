@@ -203,7 +203,7 @@ impl Trigger {
     /// trigger, a valid cron expression that fires at all, a known time zone, and
     /// `CatchUp { max }` with `max ≥ 1`.
     pub fn validate(&self) -> Result<(), ScheduleError> {
-        super::compiled::Compiled::new(self, 0).map(drop)
+        super::compiled::Compiled::new(self, 0, &mut Default::default()).map(drop)
     }
 
     /// A short name of the trigger for error messages: `every 1m` or `cron \`…\``.
