@@ -704,11 +704,17 @@ impl JobRuntimeController {
 
     /// The record of (`job`, `key`), made if there is none. Housekeeping keeps a record while
     /// anything else holds it: the runtime holds its triggers' records for its whole life.
-    pub(crate) fn pin(&self, job: &str, key: &str) -> Arc<KeyRecord> {
+    /// The key's strings are shared with the caller's, not copied.
+    pub(crate) fn pin(&self, job: &Arc<str>, key: &Arc<str>) -> Arc<KeyRecord> {
+        let rk = RunKey {
+            hash: RunKey::hash_of(job, key),
+            job: Arc::clone(job),
+            key: Arc::clone(key),
+        };
         Arc::clone(
             self.inner
                 .keys
-                .entry(RunKey::new(job, key))
+                .entry(rk)
                 .or_insert_with(|| Arc::new(KeyRecord::new()))
                 .value(),
         )

@@ -345,9 +345,11 @@ impl Runtime {
             .triggers
             .into_iter()
             .map(|(t, schedule)| {
+                let job = Arc::clone(&self.jobs[&t.job]);
                 let state = Arc::new(TriggerState {
-                    _record: self.ctl.pin(&t.job, &t.key),
-                    job: Arc::clone(&self.jobs[&t.job]),
+                    // The record's key shares the job's name and the trigger's key strings.
+                    _record: self.ctl.pin(&job.name, &t.key),
+                    job,
                     key: t.key,
                     kind: t.trigger.kind_name(),
                     next_fire: Mutex::new(None),
