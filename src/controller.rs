@@ -844,7 +844,7 @@ impl JobRuntimeController {
     /// across its awaits: the flight and, for the leader, the boxed run. (A thousand callers
     /// joining one run hold a thousand of these futures.) Only a coordinator's cooldown check
     /// awaits before admission, in a boxed future of its own.
-    async fn start<T, F, Fut>(
+    pub(crate) async fn start<T, F, Fut>(
         &self,
         job: &str,
         key: &str,

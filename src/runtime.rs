@@ -72,8 +72,9 @@ use crate::time::Instant;
 
 type Fire = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
 
-/// Starts one run of a plugin: (controller, key, forced).
-type Firer = Box<dyn Fn(&JobRuntimeController, &str, bool) -> Fire + Send + Sync>;
+/// Starts one run of a plugin: (controller, key, forced). The key is shared, not copied: a
+/// timer's fire hands over its trigger's key.
+type Firer = Box<dyn Fn(&JobRuntimeController, Arc<str>, bool) -> Fire + Send + Sync>;
 
 /// A registered plugin with its type erased: runs one key, forced or not.
 struct Entry {
@@ -144,8 +145,8 @@ impl RuntimeBuilder {
     pub fn job<J: Job>(mut self, job: J) -> Self {
         let job = Arc::new(job);
         let name: Arc<str> = Arc::from(job.name());
-        let fire = move |ctl: &JobRuntimeController, key: &str, force: bool| -> Fire {
-            let (ctl, key, j) = (ctl.clone(), key.to_string(), Arc::clone(&job));
+        let fire = move |ctl: &JobRuntimeController, key: Arc<str>, force: bool| -> Fire {
+            let (ctl, j) = (ctl.clone(), Arc::clone(&job));
             Box::pin(async move {
                 let policy = j.policy();
                 let body = {
@@ -155,12 +156,10 @@ impl RuntimeBuilder {
                         async move { j.run(ctx).await }
                     }
                 };
-                let r = if force {
-                    ctl.run_forced(j.name(), &key, &policy, body).await
-                } else {
-                    ctl.run(j.name(), &key, &policy, body).await
-                };
-                r.map(|_| ())
+                // `run` or `run_forced`, one instance of the pipeline for both.
+                ctl.start(j.name(), &key, &policy, force, body)
+                    .await
+                    .map(|_| ())
             })
         };
         self.jobs.push(Entry {
@@ -501,7 +500,7 @@ fn wake(inner: &Arc<Inner>, t: &TriggerState, plan: Plan) {
         if !span.is_disabled() {
             span.record("job.misfired", plan.misfired());
         }
-        let mut fire = (t.job.fire)(&inner.ctl, &t.key, false).instrument(span);
+        let mut fire = (t.job.fire)(&inner.ctl, Arc::clone(&t.key), false).instrument(span);
         // The run's first poll happens here, in the shard's task: a run that ends at once (a
         // quick job, a refusal, a join) costs no task. One that waits goes on in a task of its
         // own, so the shard never waits for a job.
@@ -612,7 +611,7 @@ impl RuntimeHandle {
             "manual",
             Some(&tracing::Span::current()),
         );
-        let r = (e.fire)(&self.inner.ctl, key, force)
+        let r = (e.fire)(&self.inner.ctl, Arc::from(key), force)
             .instrument(span.clone())
             .await;
         self.inner.outcomes.count(&r);
