@@ -1419,7 +1419,10 @@ impl Inner {
             trace_id = Empty,
         );
         if !span.is_disabled() {
-            if let Some(k) = self.config.telemetry_keys.render(&rk.key) {
+            // (A `let`, not an `if let` alone in the block: without feature `otel` clippy
+            // would ask to collapse the two `if`s.)
+            let key = self.config.telemetry_keys.render(&rk.key);
+            if let Some(k) = key {
                 span.record("job.key", k);
             }
             #[cfg(feature = "otel")]

@@ -50,6 +50,7 @@
 //! ```
 
 use std::cmp::Reverse;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -438,47 +439,74 @@ impl Slot {
 /// trigger cost ~1 KB each and a tokio timer entry, wake and poll per fire, which adds up when
 /// thousands of triggers are due at once.
 async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: Instant) {
-    let mut heap: BinaryHeap<Reverse<(Instant, usize)>> = slots
+    let mut heap: BinaryHeap<Reverse<u128>> = slots
         .iter()
         .enumerate()
-        .filter_map(|(i, s)| Some(Reverse((s.wake_at()?, i))))
+        .filter_map(|(i, s)| Some(heap_entry(start, s.wake_at()?, i)))
         .collect();
     let stopped = inner.stop.cancelled();
     tokio::pin!(stopped);
     let sleep = tokio::time::sleep_until(start);
     tokio::pin!(sleep);
     loop {
-        let Some(&Reverse((at, _))) = heap.peek() else {
+        let Some(&Reverse(first)) = heap.peek() else {
             // Nothing fires again.
             return;
         };
-        sleep.as_mut().reset(at);
+        sleep.as_mut().reset(crate::time::add_saturating(
+            start,
+            Duration::from_nanos(entry_nanos(first)),
+        ));
         tokio::select! {
             biased;
             _ = &mut stopped => return,
             _ = &mut sleep => {}
         }
         let mut now = ClockReading::of(inner.ctl.clock());
+        let mut now_nanos = since(start, now.mono);
         let mut handled = 0u32;
-        while let Some(&Reverse((at, i))) = heap.peek() {
-            if at > now.mono {
+        // The top entry is replaced in place (one sift down), not popped and pushed again.
+        while let Some(mut top) = heap.peek_mut() {
+            let Reverse(e) = *top;
+            if entry_nanos(e) > now_nanos {
                 break;
             }
             if inner.stop.is_cancelled() {
                 return;
             }
-            heap.pop();
+            let i = e as u64 as usize;
             let slot = &mut slots[i];
             wake(&inner, &slot.t, slot.planner.wake(now));
-            if let Some(next) = slot.wake_at() {
-                heap.push(Reverse((next, i)));
+            match slot.wake_at() {
+                Some(next) => *top = heap_entry(start, next, i),
+                None => {
+                    PeekMut::pop(top);
+                }
             }
             handled += 1;
             if handled.is_multiple_of(FIRES_PER_READING) {
                 now = ClockReading::of(inner.ctl.clock());
+                now_nanos = since(start, now.mono);
             }
         }
     }
+}
+
+/// Nanoseconds from `start` to `at` (0 if `at` is earlier; capped at `u64::MAX`, 584 years).
+fn since(start: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A shard's heap entry for slot `i` waking at `at`: the wake time (nanoseconds after the
+/// shard's start) above the slot's index, so one integer comparison orders the entries by
+/// time, then by slot. The heap is a max-heap, hence `Reverse`.
+fn heap_entry(start: Instant, at: Instant, i: usize) -> Reverse<u128> {
+    Reverse(u128::from(since(start, at)) << 64 | i as u128)
+}
+
+/// The wake time of a heap entry, in nanoseconds after the shard's start.
+fn entry_nanos(e: u128) -> u64 {
+    (e >> 64) as u64
 }
 
 /// Counts what the planner decided at a trigger's wake and fires its runs (none if its job is
@@ -697,5 +725,29 @@ impl RuntimeHandle {
         #[cfg(not(unix))]
         tokio::signal::ctrl_c().await?;
         Ok(self.shutdown(grace).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Heap entries order by wake time, then by slot, and give both back.
+    #[test]
+    fn heap_entries_order_by_time_then_slot() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut heap: BinaryHeap<Reverse<u128>> = [(30, 0), (10, 7), (10, 2), (20, 1)]
+            .into_iter()
+            .map(|(ms, i)| heap_entry(start, at(ms), i))
+            .collect();
+        let mut order = Vec::new();
+        while let Some(Reverse(e)) = heap.pop() {
+            order.push((entry_nanos(e) / 1_000_000, e as u64 as usize));
+        }
+        assert_eq!(order, [(10, 2), (10, 7), (20, 1), (30, 0)]);
+        // A wake before the shard's start is due at once, not far in the future.
+        let early = start.checked_sub(Duration::from_secs(1)).unwrap_or(start);
+        assert_eq!(entry_nanos(heap_entry(start, early, 3).0), 0);
     }
 }
