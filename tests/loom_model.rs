@@ -6,30 +6,39 @@
 //!
 //! | real                                   | model                                               |
 //! |----------------------------------------|-----------------------------------------------------|
-//! | `DashMap<K, V>` (one shard)            | `loom::sync::Mutex<HashMap<K, V>>`; `entry()` / `remove_if` == holding the shard lock |
+//! | `DashMap<K, V>` (one shard)            | loom `Mutex<HashMap<K, V>>` (lock set) / loom `RwLock<HashMap<K, V>>` (in-flight map): `get` == the shard's read lock, `entry` / `get_mut` / `remove_if` == its write lock |
 //! | `tokio::sync::Notify::notify_waiters`  | [`Notify`]: a call counter under a loom `Mutex` + loom `Condvar` |
 //! | `Notify::notified()` / `enable()`      | [`Notify::notified`] snapshots the counter: a waiter that registered before `notify_waiters` is woken, one that registers after is not |
 //! | fencing counter `AtomicU64` (Relaxed)  | loom `AtomicU64`, same ordering                     |
-//! | `Flight { OnceLock, Notify }`          | [`Flight`]: `Mutex<Option<..>>` + [`Notify`]        |
-//! | `CancellationToken` (`RunHandle::ended`) | [`Event`]: `Mutex<bool>` + [`Notify`]             |
-//! | `TaskTracker::spawn`                   | `loom::thread::spawn` (or inline, see [`Launch`])   |
+//! | `Flight { OnceLock, Notify }`          | [`Flight`]: `Mutex<Option<..>>` + [`Notify`] (the mutex orders more than `OnceLock`'s Release / Acquire; the [`Notify`] model's own mutex already orders the same pairs) |
+//! | `RunHandle { ended: AtomicBool, ended_notify: Notify }` | loom `AtomicBool` (Release / Acquire, as real) + [`Notify`] |
+//! | `RunSignal { reason: AtomicU8, token: OnceLock<CancellationToken> }` | loom `AtomicU8` (SeqCst), loom `fence(SeqCst)` as real; the `OnceLock` is its completion flag, a loom `AtomicBool` (Release / Acquire); the token is an [`Event`] |
+//! | `CancellationToken` (the run's token)  | [`Event`]: `Mutex<bool>` + [`Notify`]               |
+//! | the run's boxed future (`run_future`)  | [`RunFuture`], a state machine polled to its next await point ([`Cx`]) |
+//! | `Lead` polled by the caller            | [`Lead::poll`] in the caller's thread                |
+//! | `TaskTracker::spawn` / `spawn_on`      | `loom::thread::spawn` (joined at the end)           |
 //!
-//! Function names follow the real code (`try_acquire`, `acquire`, `release`, `complete`, `wait`,
-//! `start` (lead / join), `launch`, `pipeline`, `finish`), with the real lines cited (as of commit
-//! 14e955f), so the two can be compared side by side.
+//! Function names follow the real code (`try_acquire`, `try_lock`, `acquire`, `release`,
+//! `complete`, `wait`, `start`, `admit`, `starter`, `Lead`, `run_future`, `wait_ended`, `lock`,
+//! `unlock`, `pipeline`, `Finisher::finish`, `RunSignal::{cancel, token, cancelled}`), with the
+//! real lines cited as of commit 498f297, so the two can be compared side by side.
 //!
 //! Checked, for every interleaving within the preemption bound:
 //! - mutual exclusion: never two holders of one key (holder count, and loom's race detector on
 //!   the resource the lock protects);
 //! - fencing tokens strictly increase across successive holders of a key;
-//! - no lost wake-up: a waiter always gets the lock / result after release / completion (else
-//!   every thread ends up blocked and loom panics with "deadlock");
+//! - no lost wake-up: a waiter always gets the lock / result / the previous run's end / its
+//!   cancellation after release / completion / `end` / `cancel` (else every thread ends up
+//!   blocked and loom panics with "deadlock");
+//! - no lost cancellation: a cancelled run's lazily made token is cancelled too;
 //! - no leaked entry: lock map and in-flight map are empty once every thread and task is done;
 //! - single-flight: each flight's body runs exactly once, never two bodies of a key at once,
 //!   every caller gets its flight's (pointer-equal) value, a caller arriving after the slot is
-//!   gone starts a new flight (both outcomes are asserted to be reached), a queued run is
-//!   promoted, a replacing run waits for the one it replaced, and no run of a controller is
-//!   ever `Busy` on its own key lock (the slot alone keeps runs apart).
+//!   gone starts a new flight (both outcomes are asserted to be reached), no caller joins a
+//!   flight whose result was already published (stale join), a queued run is promoted (never
+//!   dropped unstarted), a replacing run waits for the one it replaced, a leader that gives up
+//!   hands its run to a task (the run goes on; it is never dropped), and no run of a controller
+//!   ever waits for or is `Busy` on its own key lock (the slot alone keeps runs apart).
 //!
 //! Deliberate bugs are switched on through [`Bugs`]; a `#[should_panic]` test per bug proves the
 //! model catches it.
@@ -37,28 +46,54 @@
 //! `Arc` is `std::sync::Arc`, as in the real code. (loom's `Arc` would add a leak check, but its
 //! `drop` panics while a thread unwinds from loom's "deadlock" panic, which aborts the process
 //! instead of failing the test, so the lost-wake-up tests below could not be `#[should_panic]`.
-//! Leaks that matter here, entries left in the maps, are asserted directly.)
+//! Leaks that matter here, entries left in the maps, are asserted directly. For the same reason
+//! the model's `Drop` impls that act (`Lead`, `RunFuture`, `Finisher`, `Queued`) do nothing
+//! while a thread unwinds from a model panic.)
 //!
-//! Test-only bookkeeping ([`Probe`]) uses `std` atomics/mutexes on purpose: they are invisible to
-//! loom, so they add no happens-before edges (which could hide a bug) and no schedule points.
-//! The protected "downstream resource" is a loom `UnsafeCell`, so loom also reports any two
-//! lock holders whose critical sections are not ordered by happens-before (a data race).
+//! Test-only bookkeeping ([`Probe`], `Flight::published`) uses `std` atomics/mutexes on purpose:
+//! they are invisible to loom, so they add no happens-before edges (which could hide a bug) and
+//! no schedule points. The protected "downstream resource" is a loom `UnsafeCell`, so loom also
+//! reports any two lock holders whose critical sections are not ordered by happens-before.
 //!
-//! Not modelled: lock-wait timeouts (a timed-out waiter only drops its `Notified`), cancellation
-//! of callers (a dropped `wait()` affects nobody else), `Finisher`'s drop path (same `finish`),
-//! mixing `QueueOne` with `Replace` on one key, and the coordinator (lease) lock backend.
+//! How the run is polled: the caller that leads a run polls it inline (`Lead`); a caller that
+//! gives up (plan [`Call::gives_up`]) polls it once and drops it where the real future would
+//! first return `Pending` — waiting for the replaced run to end, or inside the job body (the
+//! body of a run in a scenario with `pends` does not finish at its first poll, and makes the
+//! run's token there, as `run_attempt` does) — and `Lead::drop` moves the rest to a tracker
+//! task. A blocking wait in the model stands for an `.await` that is woken later. A run that
+//! is polled to completion blocks at each await instead of returning `Pending`.
+//!
+//! Not modelled: lock-wait timeouts (a timed-out waiter only drops its `Notified`); a caller
+//! that gives up while *joined* (dropping `Flight::wait` affects nobody else); a leader giving
+//! up while waiting for the key lock (`lock_wait` > 0: the model asserts that a run never has
+//! to wait for its own controller's lock, so that await never pends); the `OnceLock` init race
+//! between two makers of one run's token (only the run's own task makes it); the Finisher's
+//! drop path outside the `lead_drop_drops_run` bug (a runtime torn down, a panic); cooldowns
+//! and key records (`keys`, the cooldown re-check under the entry, `maybe_sweep`); shutdown
+//! (`closed`, `cancelling`, cancelling slots through the map); mixing `QueueOne` with
+//! `Replace` on one key (a replace drops the queued run, which fails its flight);
+//! `Skip` (a refusal under the write lock, no state change); `Result`s other than the model's
+//! [`Output`] (errors, panics caught by `catch_unwind`); the tracker token `Lead` holds for
+//! shutdown; the coordinator (lease) lock backend. The run's `KeyRef` borrows the lock set and
+//! the key from the run future itself (a self-referential async block, which safe Rust can only
+//! write as one); the model keeps its fencing token in the run's state ([`HeldLock::Now`]) and
+//! rebuilds the borrowing `KeyRef` where the real code drops it; the lock tests use
+//! `try_lock`'s `KeyRef` as is.
 //!
 //! Run: `.ci/loom.sh` (see there for the exact command and bounds).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::Arc;
+use std::ops::Deref;
 use std::sync::Mutex as StdMutex;
-use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst as StdSeqCst};
+use std::sync::atomic::{
+    AtomicBool as StdAtomicBool, AtomicUsize as StdAtomicUsize, Ordering::SeqCst as StdSeqCst,
+};
+use std::sync::{Arc, Weak};
 
 use loom::cell::UnsafeCell;
-use loom::sync::atomic::{AtomicU64, Ordering};
-use loom::sync::{Condvar, Mutex};
+use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
+use loom::sync::{Condvar, Mutex, RwLock};
 use loom::thread;
 
 type Key = u8;
@@ -104,8 +139,22 @@ struct Bugs {
     lock_notify_before_remove: bool,
     /// `Flight::wait`: look at the result *before* registering for the broadcast.
     flight_check_before_register: bool,
+    /// `RunSignal::cancel` / `RunSignal::token`: no `fence(SeqCst)` between the store of one
+    /// side and the load of the other.
+    signal_without_fences: bool,
+    /// `RunHandle::wait_ended`: look at `ended` *before* registering for `ended_notify`.
+    ended_check_before_register: bool,
     /// `Finisher::finish`: remove the slot without checking that it is still this run's.
     finish_ignores_id: bool,
+    /// `Finisher::finish`: look under the read lock whether the slot can go, remove it in a
+    /// second (write) section instead of one `remove_if`.
+    finish_check_then_remove: bool,
+    /// `Finisher::finish`: publish the result *before* removing / handing over the slot (the
+    /// order before 1592426): a caller can join a flight that has already ended.
+    finish_publishes_first: bool,
+    /// `Lead::drop`: drop the run instead of handing it to a tracker task (a leader giving up
+    /// would cancel the run for everyone who joined it).
+    lead_drop_drops_run: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,23 +180,28 @@ impl Default for Notify {
     }
 }
 
-/// A registered waiter (`Notified<'_>` / `OwnedNotified`).
-struct Notified<N: std::ops::Deref<Target = Notify>> {
+/// A registered waiter (`Notified<'_>` / `OwnedNotified`, or a `Notified` pinned inside a
+/// future that owns its `Notify`: `N` is whatever keeps the `Notify` alive).
+struct Notified<N: Deref<Target = Notify>> {
     notify: N,
     seen: u64,
+}
+
+/// Creates a `Notified` on the `Notify` that `notify` leads to (snapshot at creation).
+fn notified_on<N: Deref<Target = Notify>>(notify: N) -> Notified<N> {
+    let seen = *notify.calls.lock().unwrap();
+    Notified { notify, seen }
 }
 
 impl Notify {
     /// `Notify::notified()`.
     fn notified(&self) -> Notified<&Notify> {
-        let seen = *self.calls.lock().unwrap();
-        Notified { notify: self, seen }
+        notified_on(self)
     }
 
     /// `Notify::notified_owned()`.
     fn notified_owned(self: Arc<Self>) -> Notified<Arc<Notify>> {
-        let seen = *self.calls.lock().unwrap();
-        Notified { notify: self, seen }
+        notified_on(self)
     }
 
     /// `Notify::notify_waiters()`: wakes every `Notified` created before this call.
@@ -157,7 +211,7 @@ impl Notify {
     }
 }
 
-impl<N: std::ops::Deref<Target = Notify>> Notified<N> {
+impl<N: Deref<Target = Notify>> Notified<N> {
     /// `Notified::enable()`. The snapshot was already taken at creation (as in tokio), which is
     /// all `notify_waiters` looks at; kept so call sites read like the real code.
     fn enable(&mut self) {}
@@ -185,10 +239,19 @@ struct Probe {
     downstream: UnsafeCell<Vec<FencingToken>>,
     /// Job bodies running right now (never above 1 per key).
     bodies_running: StdAtomicUsize,
-    /// Flight number -> times its body ran.
+    /// Flight number -> times its body ran to its end.
     bodies: StdMutex<HashMap<u64, usize>>,
     /// Flights created.
     flights_created: StdAtomicUsize,
+    /// Every run handle made, for the lost-cancellation check at the end.
+    runs: StdMutex<Vec<Arc<RunHandle>>>,
+    /// Runs ended by `Finisher::drop` (dropped before they finished).
+    dropped_runs: StdAtomicUsize,
+    /// Queued runs dropped without being started (`Queued::drop` failed their flight).
+    queued_dropped: StdAtomicUsize,
+    /// Leaders that gave up while waiting for the replaced run to end / inside the body.
+    gave_up_waiting: StdAtomicUsize,
+    gave_up_in_body: StdAtomicUsize,
 }
 
 // SAFETY: `downstream` is only touched by the holder of the modelled lock (and by the main
@@ -197,8 +260,9 @@ struct Probe {
 unsafe impl Sync for Probe {}
 
 impl Probe {
-    /// The critical section of a lock holder: the fencing check a downstream system would do.
-    fn critical_section(&self, token: FencingToken) {
+    /// Entering the critical section of a lock holder: the fencing check a downstream system
+    /// would do.
+    fn enter(&self, token: FencingToken) {
         assert_eq!(
             self.holders.fetch_add(1, StdSeqCst),
             0,
@@ -212,8 +276,17 @@ impl Probe {
             }
             d.push(token);
         });
-        thread::yield_now(); // let others try while we hold the lock
+    }
+
+    fn exit(&self) {
         assert_eq!(self.holders.fetch_sub(1, StdSeqCst), 1);
+    }
+
+    /// A whole critical section (the lock tests).
+    fn critical_section(&self, token: FencingToken) {
+        self.enter(token);
+        thread::yield_now(); // let others try while we hold the lock
+        self.exit();
     }
 
     fn tokens(&self) -> Vec<FencingToken> {
@@ -221,18 +294,28 @@ impl Probe {
         self.downstream.with(|d| unsafe { (*d).clone() })
     }
 
-    fn body(&self, flight_no: u64) {
+    /// A job body starts (inside the lock).
+    fn body_start(&self) {
         assert_eq!(
             self.bodies_running.fetch_add(1, StdSeqCst),
             0,
             "two runs of one key at once"
         );
+    }
+
+    /// A job body ran to its end.
+    fn body_end(&self, flight_no: u64) {
         {
             let mut b = self.bodies.lock().unwrap();
             let n = b.entry(flight_no).or_default();
             *n += 1;
             assert_eq!(*n, 1, "flight {flight_no} ran its body twice");
         }
+        assert_eq!(self.bodies_running.fetch_sub(1, StdSeqCst), 1);
+    }
+
+    /// A job body was dropped before its end.
+    fn body_dropped(&self) {
         assert_eq!(self.bodies_running.fetch_sub(1, StdSeqCst), 1);
     }
 }
@@ -252,11 +335,11 @@ struct KeyedLocks {
     map: Mutex<HashMap<Key, Held>>,
     next: AtomicU64,
     bugs: Bugs,
-    /// Times a waiter went to sleep (coverage; std, invisible to loom).
-    slept: &'static StdAtomicUsize,
+    /// Times a waiter went to sleep (std, invisible to loom).
+    slept: StdAtomicUsize,
 }
 
-/// `struct KeyGuard` (src/lock.rs:190): releases on drop.
+/// `struct KeyGuard` (src/lock.rs:219): releases on drop.
 struct KeyGuard {
     locks: Arc<KeyedLocks>,
     key: Option<Key>,
@@ -269,7 +352,7 @@ impl KeyGuard {
     }
 }
 
-/// `impl Drop for KeyGuard` (src/lock.rs:216).
+/// `impl Drop for KeyGuard` (src/lock.rs:245).
 impl Drop for KeyGuard {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
@@ -278,22 +361,54 @@ impl Drop for KeyGuard {
     }
 }
 
+/// `struct KeyRef` (src/lock.rs:255): borrows the set and the key; releases on drop.
+struct KeyRef<'a> {
+    locks: &'a KeyedLocks,
+    key: &'a Key,
+    token: FencingToken,
+}
+
+impl<'a> KeyRef<'a> {
+    fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Model only: the run keeps the token in its own state (see [`HeldLock::Now`]).
+    fn detach(self) -> FencingToken {
+        let token = self.token;
+        std::mem::forget(self);
+        token
+    }
+
+    /// Model only: the borrowing guard again, from the run's own state.
+    fn attach(locks: &'a KeyedLocks, key: &'a Key, token: FencingToken) -> Self {
+        Self { locks, key, token }
+    }
+}
+
+/// `impl Drop for KeyRef` (src/lock.rs:276).
+impl Drop for KeyRef<'_> {
+    fn drop(&mut self) {
+        self.locks.release(self.key, self.token);
+    }
+}
+
 impl KeyedLocks {
-    fn new(bugs: Bugs, slept: &'static StdAtomicUsize) -> Self {
+    fn new(bugs: Bugs) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1), // src/lock.rs:80
+            next: AtomicU64::new(1), // src/lock.rs:87
             bugs,
-            slept,
+            slept: StdAtomicUsize::new(0),
         }
     }
 
-    /// src/lock.rs:85
+    /// src/lock.rs:92
     fn next_token(&self) -> FencingToken {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// src/lock.rs:91
+    /// src/lock.rs:98
     fn try_acquire(self: &Arc<Self>, key: Key) -> Option<KeyGuard> {
         let mut shard = self.map.lock().unwrap(); // self.map.entry(key)
         match shard.entry(key) {
@@ -313,15 +428,35 @@ impl KeyedLocks {
         }
     }
 
-    /// src/lock.rs:111, with an unbounded wait (timeouts are not modelled).
+    /// src/lock.rs:121
+    fn try_lock<'a>(&'a self, key: &'a Key) -> Option<KeyRef<'a>> {
+        let mut shard = self.map.lock().unwrap(); // self.map.entry(key.clone())
+        match shard.entry(*key) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(v) => {
+                let token = self.next_token();
+                v.insert(Held {
+                    token,
+                    waiters: None,
+                });
+                Some(KeyRef {
+                    locks: self,
+                    key,
+                    token,
+                })
+            }
+        }
+    }
+
+    /// src/lock.rs:140, with an unbounded wait (timeouts are not modelled).
     fn acquire(self: &Arc<Self>, key: Key) -> KeyGuard {
         loop {
-            // src/lock.rs:119 `let notified = match self.map.entry(key.clone()) { .. }`
+            // src/lock.rs:148 `let notified = match self.map.entry(key.clone()) { .. }`
             let notified = {
                 let mut shard = self.map.lock().unwrap();
                 match shard.entry(key) {
                     Entry::Vacant(v) => {
-                        // src/lock.rs:120-131
+                        // src/lock.rs:149-160
                         let token = self.next_token();
                         v.insert(Held {
                             token,
@@ -334,7 +469,7 @@ impl KeyedLocks {
                         };
                     }
                     Entry::Occupied(mut o) => {
-                        // src/lock.rs:138
+                        // src/lock.rs:161-167
                         let notify = o.get_mut().waiters.get_or_insert_with(Default::default);
                         if self.bugs.lock_register_after_unlock {
                             // BUG: the shard lock is released before registering, so a release
@@ -345,7 +480,7 @@ impl KeyedLocks {
                             n.enable();
                             n
                         } else {
-                            // src/lock.rs:141-143: registered while the shard lock is held.
+                            // src/lock.rs:170-171: registered while the shard lock is held.
                             let mut n = Arc::clone(notify).notified_owned();
                             n.enable();
                             n
@@ -354,17 +489,17 @@ impl KeyedLocks {
                 }
             }; // shard lock released here
             self.slept.fetch_add(1, StdSeqCst);
-            // src/lock.rs:146 `timeout_at(deadline, notified).await`
+            // src/lock.rs:175 `timeout_at(deadline, notified).await`
             notified.wait();
         }
     }
 
-    /// src/lock.rs:155
+    /// src/lock.rs:184
     fn len(&self) -> usize {
         self.map.lock().unwrap().len()
     }
 
-    /// src/lock.rs:179
+    /// src/lock.rs:208
     fn release(&self, key: &Key, token: FencingToken) {
         if self.bugs.lock_notify_before_remove {
             // BUG: wake first, remove in a second critical section. A woken waiter can re-check
@@ -414,14 +549,19 @@ struct Output {
     run: u64,
     /// The run found the key's lock taken and gave up (`JobError::Busy`, lock_wait zero).
     busy: bool,
+    /// The run was dropped before it finished (`Finisher::drop`: `Cancelled`), or it was a
+    /// queued run dropped unstarted (`Queued::drop`).
+    dropped: bool,
 }
 
-/// `struct Flight` (src/flight.rs:41).
+/// `struct Flight` (src/flight.rs:40).
 struct Flight {
     result: Mutex<Option<Arc<Output>>>, // OnceLock<Shared<T>>
     done: Notify,
     /// Identity for the checks (test bookkeeping).
     no: u64,
+    /// Set (std, invisible to loom) once the result is stored: for the stale-join check.
+    published: StdAtomicBool,
     bugs: Bugs,
 }
 
@@ -431,17 +571,19 @@ impl Flight {
             result: Mutex::new(None),
             done: Notify::default(),
             no: probe.flights_created.fetch_add(1, StdSeqCst) as u64,
+            published: StdAtomicBool::new(false),
             bugs,
         })
     }
 
-    /// src/flight.rs:73
+    /// src/flight.rs:69
     fn complete(&self, result: Arc<Output>) {
         // `self.result.set(result).is_ok()`
         let first = {
             let mut r = self.result.lock().unwrap();
             if r.is_none() {
                 *r = Some(result);
+                self.published.store(true, StdSeqCst);
                 true
             } else {
                 false
@@ -452,13 +594,17 @@ impl Flight {
         }
     }
 
-    /// src/flight.rs:80
+    /// src/flight.rs:76
     fn peek(&self) -> Option<Arc<Output>> {
         self.result.lock().unwrap().clone()
     }
 
-    /// src/flight.rs:85
+    /// src/flight.rs:81
     fn wait(&self) -> Arc<Output> {
+        // src/flight.rs:82: the fast path.
+        if let Some(r) = self.peek() {
+            return r;
+        }
         loop {
             if self.bugs.flight_check_before_register {
                 // BUG: a `complete` between this look and the registration below is missed.
@@ -470,6 +616,7 @@ impl Flight {
                 notified.wait();
                 continue;
             }
+            // src/flight.rs:86-92
             let mut notified = self.done.notified();
             notified.enable();
             if let Some(r) = self.peek() {
@@ -480,7 +627,7 @@ impl Flight {
     }
 }
 
-/// `CancellationToken` as used for `RunHandle::ended`: `cancel()` / `cancelled().await`.
+/// `CancellationToken` (the run's token): `cancel()` / `cancelled().await`.
 struct Event {
     set: Mutex<bool>,
     notify: Notify,
@@ -499,6 +646,10 @@ impl Event {
         self.notify.notify_waiters();
     }
 
+    fn is_cancelled(&self) -> bool {
+        *self.set.lock().unwrap()
+    }
+
     fn cancelled(&self) {
         loop {
             let mut n = self.notify.notified();
@@ -512,7 +663,84 @@ impl Event {
 }
 
 // ---------------------------------------------------------------------------------------------
-// src/controller.rs: in-flight slots, launch, Finisher
+// src/budget.rs: RunSignal
+// ---------------------------------------------------------------------------------------------
+
+const NOT_CANCELLED: u8 = 0; // src/budget.rs:19
+const REPLACED: u8 = 1; // `CancelReason::Replaced` (src/budget.rs:37)
+
+/// `struct RunSignal` (src/budget.rs:28): a reason, and a token made on first use.
+struct RunSignal {
+    reason: AtomicU8,
+    /// `OnceLock<CancellationToken>`: its completion flag (`get` is an Acquire load, the end of
+    /// `get_or_init` a Release store). The token itself is made up front: making it has no
+    /// ordering of its own.
+    token_set: AtomicBool,
+    token: Event,
+    bugs: Bugs,
+}
+
+impl RunSignal {
+    fn new(bugs: Bugs) -> Self {
+        Self {
+            reason: AtomicU8::new(NOT_CANCELLED),
+            token_set: AtomicBool::new(false),
+            token: Event::new(),
+            bugs,
+        }
+    }
+
+    /// `OnceLock::get`.
+    fn token_get(&self) -> Option<&Event> {
+        self.token_set
+            .load(Ordering::Acquire)
+            .then_some(&self.token)
+    }
+
+    /// src/budget.rs:35
+    fn cancel(&self, reason: u8) {
+        let _ =
+            self.reason
+                .compare_exchange(NOT_CANCELLED, reason, Ordering::SeqCst, Ordering::SeqCst);
+        if !self.bugs.signal_without_fences {
+            fence(Ordering::SeqCst); // src/budget.rs:46
+        }
+        if let Some(t) = self.token_get() {
+            t.cancel();
+        }
+    }
+
+    /// src/budget.rs:53
+    fn is_cancelled(&self) -> bool {
+        self.reason.load(Ordering::SeqCst) != NOT_CANCELLED
+    }
+
+    /// src/budget.rs:67
+    fn token(&self) -> &Event {
+        // `self.token.get_or_init(CancellationToken::new)` (one maker: the run's own task)
+        if !self.token_set.load(Ordering::Acquire) {
+            self.token_set.store(true, Ordering::Release);
+        }
+        let t = &self.token;
+        if !self.bugs.signal_without_fences {
+            fence(Ordering::SeqCst); // src/budget.rs:69
+        }
+        if self.is_cancelled() {
+            t.cancel();
+        }
+        t
+    }
+
+    /// src/budget.rs:77
+    fn cancelled(&self) {
+        if !self.is_cancelled() {
+            self.token().cancelled();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// src/controller.rs: RunHandle, slots, admit / start, Lead, run_future, Finisher
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -522,39 +750,133 @@ enum Overlap {
     Replace,
 }
 
-/// Where a run executes.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Launch {
-    /// A task of its own, as in the real code (`this.tracker.spawn`, src/controller.rs:950).
-    Task,
-    /// In the thread that launches it (leader, or the finisher promoting a queued run). Loom
-    /// allows at most 5 threads, so tests with three callers use this: the run's steps still
-    /// interleave with every other caller; only the leader's own `wait`, which then always
-    /// finds the result, loses interleavings, and those are the followers' (modelled) path.
-    Inline,
+/// One caller: its overlap policy, and whether it gives up (drops its `start` future) at the
+/// first point where that future returns `Pending`.
+#[derive(Clone, Copy, Debug)]
+struct Call {
+    overlap: Overlap,
+    gives_up: bool,
 }
 
-/// `policy.lock_wait` as seen by `Inner::lock` (src/controller.rs:978).
+const C: Call = Call {
+    overlap: Overlap::Coalesce,
+    gives_up: false,
+};
+const Q: Call = Call {
+    overlap: Overlap::QueueOne,
+    gives_up: false,
+};
+const R: Call = Call {
+    overlap: Overlap::Replace,
+    gives_up: false,
+};
+const C_GIVES_UP: Call = Call {
+    overlap: Overlap::Coalesce,
+    gives_up: true,
+};
+const Q_GIVES_UP: Call = Call {
+    overlap: Overlap::QueueOne,
+    gives_up: true,
+};
+const R_GIVES_UP: Call = Call {
+    overlap: Overlap::Replace,
+    gives_up: true,
+};
+
+/// `policy.lock_wait` as seen by `Inner::lock` (src/controller.rs:1514).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum LockWait {
-    /// The default (`Duration::ZERO`): `try_acquire`, `Busy` if taken.
+    /// The default (`Duration::ZERO`): `try_lock`, `Busy` if taken.
     Zero,
     /// Any positive wait: `acquire` (modelled without a deadline).
     Wait,
 }
 
-/// `struct RunHandle` (only `ended`).
+/// `struct RunHandle` (src/controller.rs:420).
 struct RunHandle {
-    ended: Event,
+    signal: RunSignal,
+    ended: AtomicBool,
+    ended_notify: Notify,
 }
 
-/// `struct Queued` (src/controller.rs:331). The `Starter` closure only captures what
-/// `Controller::launch` needs, which the model passes directly.
+impl RunHandle {
+    /// src/controller.rs:433
+    fn new(probe: &Probe, bugs: Bugs) -> Arc<Self> {
+        let run = Arc::new(Self {
+            signal: RunSignal::new(bugs),
+            ended: AtomicBool::new(false),
+            ended_notify: Notify::default(),
+        });
+        probe.runs.lock().unwrap().push(Arc::clone(&run));
+        run
+    }
+
+    /// src/controller.rs:441
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.ended_notify.notify_waiters();
+    }
+
+    /// src/controller.rs:458
+    fn cancel(&self, reason: u8) {
+        self.signal.cancel(reason);
+    }
+}
+
+/// The previous run's `ended_notify`, kept alive by the run future that waits on it.
+struct EndedOf(Arc<RunHandle>);
+
+impl Deref for EndedOf {
+    type Target = Notify;
+    fn deref(&self) -> &Notify {
+        &self.0.ended_notify
+    }
+}
+
+/// How a run future is polled.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Cx {
+    /// Polled to its end: each await blocks (the task sleeps until it is woken).
+    ToEnd,
+    /// One poll: returns `Pending` where the real future first would.
+    Once,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Poll {
+    Ready,
+    Pending,
+}
+
+type Starter = Box<dyn FnOnce(u64, Arc<RunHandle>) + Send + Sync>;
+
+/// `struct Queued` (src/controller.rs:481).
 struct Queued {
     flight: Arc<Flight>,
+    start: Option<Starter>,
+    probe: Arc<Probe>,
 }
 
-/// `struct Slot` (src/controller.rs:352).
+/// `impl Drop for Queued` (src/controller.rs:490).
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // unwinding from a model panic: no more loom operations (see the header)
+        }
+        if self.start.is_some() {
+            // Never started: its flight fails (`Cancelled { reason: Replaced }`).
+            self.probe.queued_dropped.fetch_add(1, StdSeqCst);
+            self.flight.complete(Arc::new(Output {
+                flight: self.flight.no,
+                run: 0,
+                busy: false,
+                dropped: true,
+            }));
+        }
+    }
+}
+
+/// `struct Slot` (src/controller.rs:504).
 struct Slot {
     id: u64,
     run: Arc<RunHandle>,
@@ -562,84 +884,152 @@ struct Slot {
     queued: Option<Queued>,
 }
 
+/// `struct Inner` (src/controller.rs:514), the parts that matter here.
 struct Controller {
     locks: Arc<KeyedLocks>,
-    flights: Mutex<HashMap<Key, Slot>>, // one DashMap shard
+    flights: RwLock<HashMap<Key, Slot>>, // one DashMap shard
     next_run: AtomicU64,
     /// `TaskTracker` (std mutex: bookkeeping only, the join at the end is loom-visible).
     tracker: StdMutex<Vec<thread::JoinHandle<()>>>,
-    launch: Launch,
     lock_wait: LockWait,
+    /// Job bodies do not finish at their first poll (they make the run's token there).
+    pends: bool,
     bugs: Bugs,
     probe: Arc<Probe>,
 }
 
-type Launched = (u64, Arc<RunHandle>, Arc<Flight>, Option<Arc<RunHandle>>);
+/// `enum Admitted` (src/controller.rs:1098).
+enum Admitted {
+    Join(Arc<Flight>),
+    Lead(Arc<Flight>, Lead),
+}
+
+/// `enum HeldLock` (src/controller.rs:1287), local variants.
+enum HeldLock {
+    /// `Now(KeyRef<'a, ..>)`: the `KeyRef`'s token; the borrows are the run's own `ctrl.locks`
+    /// and `key` (see the header).
+    Now(FencingToken),
+    Local(KeyGuard),
+}
+
+impl HeldLock {
+    fn token(&self) -> FencingToken {
+        match self {
+            HeldLock::Now(t) => *t,
+            HeldLock::Local(g) => g.token(),
+        }
+    }
+}
 
 impl Controller {
-    fn new(
-        launch: Launch,
-        lock_wait: LockWait,
-        bugs: Bugs,
-        slept: &'static StdAtomicUsize,
-    ) -> Arc<Self> {
+    fn new(lock_wait: LockWait, pends: bool, bugs: Bugs) -> Arc<Self> {
         Arc::new(Self {
-            locks: Arc::new(KeyedLocks::new(bugs, slept)),
-            flights: Mutex::new(HashMap::new()),
+            locks: Arc::new(KeyedLocks::new(bugs)),
+            flights: RwLock::new(HashMap::new()),
             next_run: AtomicU64::new(1),
             tracker: StdMutex::new(Vec::new()),
-            launch,
             lock_wait,
+            pends,
             bugs,
             probe: Arc::new(Probe::default()),
         })
     }
 
-    /// `JobRuntimeController::start`, step "2. in flight?" onwards (src/controller.rs:662-758).
-    /// Returns the number of the flight the caller joined or led, and the value it received.
-    fn start(self: &Arc<Self>, key: Key, overlap: Overlap) -> (u64, Arc<Output>) {
-        let (flight, launch): (Arc<Flight>, Option<Launched>) = {
-            let mut shard = self.flights.lock().unwrap(); // inner.flights.entry(rk.clone())
+    /// Model check at every join: the flight joined has not published its result yet.
+    fn joined(&self, flight: &Flight) {
+        assert!(
+            !flight.published.load(StdSeqCst),
+            "a caller joined flight {} after its result was published (stale join)",
+            flight.no
+        );
+    }
+
+    /// `JobRuntimeController::start` (src/controller.rs:847). Returns the number of the flight
+    /// the caller joined or led and the value it received, or `None` if it gave up.
+    fn start(self: &Arc<Self>, key: Key, call: Call) -> Option<(u64, Arc<Output>)> {
+        match self.admit(key, call.overlap) {
+            // src/controller.rs:868
+            Admitted::Join(flight) => Some((flight.no, flight.wait())),
+            // src/controller.rs:869-872
+            Admitted::Lead(flight, mut lead) => {
+                if call.gives_up && lead.poll(Cx::Once) == Poll::Pending {
+                    // The caller drops its future: `Lead::drop` hands the run off.
+                    drop(lead);
+                    return None;
+                }
+                lead.poll(Cx::ToEnd); // `lead.await`
+                drop(lead);
+                Some((flight.no, flight.wait()))
+            }
+        }
+    }
+
+    /// `JobRuntimeController::admit` (src/controller.rs:877), steps 1-2 without cooldowns.
+    fn admit(self: &Arc<Self>, key: Key, overlap: Overlap) -> Admitted {
+        // src/controller.rs:901-924: a Coalesce caller joins under the shard's read lock.
+        if overlap == Overlap::Coalesce {
+            let shard = self.flights.read().unwrap(); // inner.flights.get(&Probe { .. })
+            if let Some(slot) = shard.get(&key) {
+                let flight = Arc::clone(&slot.flight); // downcast::<T>(&slot.flight, rk)
+                self.joined(&flight);
+                drop(shard); // drop(slot)
+                return Admitted::Join(flight);
+            }
+        }
+        // 2. in flight? src/controller.rs:949
+        let (flight, launch) = {
+            let mut shard = self.flights.write().unwrap(); // inner.flights.entry(rk.clone())
             match shard.entry(key) {
                 Entry::Occupied(mut o) => match overlap {
-                    // join: src/controller.rs:671
-                    Overlap::Coalesce => (Arc::clone(&o.get().flight), None),
-                    // src/controller.rs:676
+                    // src/controller.rs:957
+                    Overlap::Coalesce => {
+                        let flight = Arc::clone(&o.get().flight);
+                        self.joined(&flight);
+                        (flight, None)
+                    }
+                    // src/controller.rs:964
                     Overlap::QueueOne => {
                         let slot = o.get_mut();
                         match &slot.queued {
-                            Some(q) => (Arc::clone(&q.flight), None),
+                            Some(q) => {
+                                let flight = Arc::clone(&q.flight);
+                                self.joined(&flight);
+                                (flight, None)
+                            }
                             None => {
                                 let flight = Flight::new(&self.probe, self.bugs);
+                                let start = self.starter(key, &flight);
                                 slot.queued = Some(Queued {
                                     flight: Arc::clone(&flight),
+                                    start: Some(start),
+                                    probe: Arc::clone(&self.probe),
                                 });
                                 (flight, None)
                             }
                         }
                     }
-                    // src/controller.rs:695
+                    // src/controller.rs:990
                     Overlap::Replace => {
                         let slot = o.get_mut();
-                        let prev = Arc::clone(&slot.run); // slot.run.cancel(..); prev_ended
+                        slot.run.cancel(REPLACED);
+                        let prev_ended = Arc::clone(&slot.run);
                         let flight = Flight::new(&self.probe, self.bugs);
-                        let run = Arc::new(RunHandle {
-                            ended: Event::new(),
-                        });
+                        let run = RunHandle::new(&self.probe, self.bugs);
                         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
                         slot.id = id;
                         slot.run = Arc::clone(&run);
                         slot.flight = Arc::clone(&flight);
                         slot.queued = None;
-                        (Arc::clone(&flight), Some((id, run, flight, Some(prev))))
+                        (
+                            Arc::clone(&flight),
+                            Some((id, run, flight, Some(prev_ended))),
+                        )
                     }
                 },
-                // lead: src/controller.rs:714-742
+                // src/controller.rs:1011
                 Entry::Vacant(v) => {
                     let flight = Flight::new(&self.probe, self.bugs);
-                    let run = Arc::new(RunHandle {
-                        ended: Event::new(),
-                    });
+                    let run = RunHandle::new(&self.probe, self.bugs);
                     let id = self.next_run.fetch_add(1, Ordering::Relaxed);
                     v.insert(Slot {
                         id,
@@ -651,69 +1041,76 @@ impl Controller {
                 }
             }
         }; // shard lock released
-        if let Some((id, run, flight, prev)) = launch {
-            Controller::launch(self, key, id, run, flight, prev); // src/controller.rs:746
+        // src/controller.rs:1046-1065
+        if let Some((id, run, f, prev)) = launch {
+            let run = Controller::run_future(self, key, id, run, f, prev);
+            let lead = Lead {
+                run: Some(run),
+                ctrl: Arc::clone(self), // tracker: inner.tracker.token()
+            };
+            return Admitted::Lead(flight, lead);
         }
-        let out = flight.wait(); // src/controller.rs:758
-        (flight.no, out)
+        Admitted::Join(flight)
     }
 
-    /// `Inner::launch` (src/controller.rs:927).
-    fn launch(
+    /// `JobRuntimeController::starter` (src/controller.rs:1070): starts a queued run later,
+    /// as a task of the tracker.
+    fn starter(self: &Arc<Self>, key: Key, flight: &Arc<Flight>) -> Starter {
+        let inner: Weak<Controller> = Arc::downgrade(self);
+        let flight = Arc::clone(flight);
+        Box::new(move |id, run| {
+            if let Some(inner) = inner.upgrade() {
+                let run = Controller::run_future(&inner, key, id, run, flight, None);
+                inner.spawn(run); // inner.tracker.spawn(run)
+            }
+        })
+    }
+
+    /// `tracker.spawn(run)` / `spawn_on(run, &rt)`: a task polls the run to its end.
+    fn spawn(&self, mut run: RunFuture) {
+        let h = thread::spawn(move || {
+            run.poll(Cx::ToEnd);
+        });
+        self.tracker.lock().unwrap().push(h);
+    }
+
+    /// `Inner::run_future` (src/controller.rs:1458).
+    fn run_future(
         this: &Arc<Self>,
         key: Key,
         id: u64,
         run: Arc<RunHandle>,
         flight: Arc<Flight>,
         prev_ended: Option<Arc<RunHandle>>,
-    ) {
-        let mut fin = Finisher {
-            ctrl: Arc::clone(this),
-            key,
-            id,
-            run,
-            flight: Some(flight),
-        };
-        let task = move || {
-            if let Some(prev) = prev_ended {
-                prev.ended.cancelled(); // src/controller.rs:952
-            }
-            let flight_no = fin.flight.as_ref().map(|f| f.no).unwrap();
-            let result = fin.ctrl.pipeline(fin.key, fin.id, flight_no);
-            fin.finish(result); // src/controller.rs:966
-        };
-        match this.launch {
-            Launch::Task => {
-                let h = thread::spawn(task);
-                this.tracker.lock().unwrap().push(h);
-            }
-            Launch::Inline => task(),
+    ) -> RunFuture {
+        RunFuture {
+            fin: Finisher {
+                ctrl: Arc::clone(this),
+                key,
+                id,
+                run,
+                flight: Some(flight),
+            },
+            prev_ended,
+            waiting: None,
+            stage: Stage::WaitPrev,
         }
     }
 
-    /// `Inner::pipeline` (src/controller.rs:1092): lock, body, unlock.
-    fn pipeline(&self, key: Key, id: u64, flight_no: u64) -> Arc<Output> {
-        // 3. lock (`Inner::lock`, src/controller.rs:970-997)
-        let held = match self.lock_wait {
-            LockWait::Zero => self.locks.try_acquire(key),
-            LockWait::Wait => Some(self.locks.acquire(key)),
-        };
-        let Some(held) = held else {
-            // `Err(JobError::Busy)` becomes the run's result.
-            return Arc::new(Output {
-                flight: flight_no,
-                run: id,
-                busy: true,
-            });
-        };
-        self.probe.critical_section(held.token());
-        self.probe.body(flight_no); // 5. attempts: the job body
-        drop(held); // self.unlock(held)
-        Arc::new(Output {
-            flight: flight_no,
-            run: id,
-            busy: false,
-        })
+    /// `Inner::lock` (src/controller.rs:1514), without a coordinator.
+    fn lock(&self, key: &Key) -> Option<HeldLock> {
+        match self.lock_wait {
+            LockWait::Zero => self.locks.try_lock(key).map(|g| HeldLock::Now(g.detach())),
+            LockWait::Wait => Some(HeldLock::Local(self.locks.acquire(*key))),
+        }
+    }
+
+    /// `Inner::unlock` (src/controller.rs:1631).
+    fn unlock(&self, key: &Key, held: HeldLock) {
+        match held {
+            HeldLock::Now(token) => drop(KeyRef::attach(&self.locks, key, token)),
+            HeldLock::Local(g) => drop(g),
+        }
     }
 
     /// `tracker.wait()`: joins every task, including ones spawned by finishers.
@@ -728,7 +1125,203 @@ impl Controller {
     }
 }
 
-/// `struct Finisher` (src/controller.rs:834).
+/// `struct Lead` (src/controller.rs:1255).
+struct Lead {
+    run: Option<RunFuture>,
+    ctrl: Arc<Controller>,
+}
+
+impl Lead {
+    /// `impl Future for Lead` (src/controller.rs:1260): the caller polls the run itself.
+    fn poll(&mut self, cx: Cx) -> Poll {
+        let Some(run) = self.run.as_mut() else {
+            return Poll::Ready;
+        };
+        if run.poll(cx) == Poll::Pending {
+            return Poll::Pending;
+        }
+        self.run = None;
+        Poll::Ready
+    }
+}
+
+/// `impl Drop for Lead` (src/controller.rs:1273).
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // unwinding from a model panic: no more loom operations (see the header)
+        }
+        if let Some(run) = self.run.take() {
+            match run.stage {
+                Stage::WaitPrev => &self.ctrl.probe.gave_up_waiting,
+                _ => &self.ctrl.probe.gave_up_in_body,
+            }
+            .fetch_add(1, StdSeqCst);
+            if self.ctrl.bugs.lead_drop_drops_run {
+                // BUG: the run is dropped; its `Finisher` ends it as cancelled.
+                drop(run);
+            } else {
+                // src/controller.rs:1279 `self.tracker.task_tracker().spawn_on(run, &rt)`
+                self.ctrl.spawn(run);
+            }
+        }
+    }
+}
+
+/// Where the run future is suspended.
+enum Stage {
+    /// `if let Some(prev) = prev_ended { prev.wait_ended().await }` (src/controller.rs:1487).
+    WaitPrev,
+    /// 3. lock (`Inner::pipeline`, src/controller.rs:1666).
+    Lock,
+    /// 5. attempts: the job body runs holding the lock; `entered` once it has started.
+    Body {
+        held: HeldLock,
+        entered: bool,
+    },
+    Done,
+}
+
+/// The boxed run future of `Inner::run_future` (src/controller.rs:1458-1511).
+struct RunFuture {
+    fin: Finisher,
+    prev_ended: Option<Arc<RunHandle>>,
+    /// The `Notified` pinned inside `wait_ended` while it is pending.
+    waiting: Option<Notified<EndedOf>>,
+    stage: Stage,
+}
+
+impl RunFuture {
+    /// Polls the run: to its end (`ToEnd`) or to its first `Pending` (`Once`).
+    fn poll(&mut self, cx: Cx) -> Poll {
+        let ctrl = Arc::clone(&self.fin.ctrl);
+        loop {
+            match &mut self.stage {
+                Stage::WaitPrev => {
+                    if let Some(prev) = &self.prev_ended
+                        && wait_ended(prev, &mut self.waiting, cx, ctrl.bugs) == Poll::Pending
+                    {
+                        return Poll::Pending;
+                    }
+                    self.stage = Stage::Lock;
+                }
+                // `Inner::pipeline` (src/controller.rs:1648): 3. lock
+                Stage::Lock => match ctrl.lock(&self.fin.key) {
+                    Some(held) => {
+                        self.stage = Stage::Body {
+                            held,
+                            entered: false,
+                        }
+                    }
+                    None => {
+                        // `Err(JobError::Busy)` becomes the run's result.
+                        self.stage = Stage::Done;
+                        let out = self.output(true);
+                        self.fin.finish(out); // src/controller.rs:1509
+                        return Poll::Ready;
+                    }
+                },
+                // 5. attempts: the job body
+                Stage::Body { held, entered } => {
+                    if !*entered {
+                        *entered = true;
+                        ctrl.probe.enter(held.token());
+                        ctrl.probe.body_start();
+                        if ctrl.pends {
+                            // The attempt does not finish at its first poll: `run_attempt`
+                            // (src/budget.rs:201) polls `outer.cancelled()`, which makes the
+                            // run's token (src/budget.rs:77-81).
+                            let signal = &self.fin.run.signal;
+                            if !signal.is_cancelled() {
+                                signal.token();
+                            }
+                            if cx == Cx::Once {
+                                return Poll::Pending;
+                            }
+                        }
+                        thread::yield_now(); // let others try while the body holds the lock
+                    }
+                    ctrl.probe.body_end(self.fin.flight.as_ref().unwrap().no);
+                    ctrl.probe.exit();
+                    let Stage::Body { held, .. } = std::mem::replace(&mut self.stage, Stage::Done)
+                    else {
+                        unreachable!()
+                    };
+                    ctrl.unlock(&self.fin.key, held); // self.unlock(held) (src/controller.rs:1710)
+                    let out = self.output(false);
+                    self.fin.finish(out); // src/controller.rs:1509
+                    return Poll::Ready;
+                }
+                Stage::Done => return Poll::Ready,
+            }
+        }
+    }
+
+    fn output(&self, busy: bool) -> Arc<Output> {
+        Arc::new(Output {
+            flight: self.fin.flight.as_ref().unwrap().no,
+            run: self.fin.id,
+            busy,
+            dropped: false,
+        })
+    }
+}
+
+/// Dropping the run future mid-run: the pipeline's locals (the job body, the held lock) go
+/// first, then the captured `Finisher`, whose `Drop` ends the run as cancelled.
+impl Drop for RunFuture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // unwinding from a model panic: no more loom operations (see the header)
+        }
+        if let Stage::Body { held, entered } = std::mem::replace(&mut self.stage, Stage::Done) {
+            let ctrl = Arc::clone(&self.fin.ctrl);
+            if entered {
+                ctrl.probe.body_dropped();
+                ctrl.probe.exit();
+            }
+            ctrl.unlock(&self.fin.key, held);
+        }
+    }
+}
+
+/// `RunHandle::wait_ended` (src/controller.rs:446) as a pollable future: `waiting` is its
+/// pinned `Notified`, kept while it is pending (and moved with the run if it is handed off).
+fn wait_ended(
+    prev: &Arc<RunHandle>,
+    waiting: &mut Option<Notified<EndedOf>>,
+    cx: Cx,
+    bugs: Bugs,
+) -> Poll {
+    loop {
+        if let Some(n) = waiting.take() {
+            // `n.await`: woken by `end`'s `notify_waiters`.
+            n.wait();
+        }
+        if bugs.ended_check_before_register {
+            // BUG: an `end` between this look and the registration below is missed.
+            if prev.ended.load(Ordering::Acquire) {
+                return Poll::Ready;
+            }
+            let mut n = notified_on(EndedOf(Arc::clone(prev)));
+            n.enable();
+            *waiting = Some(n);
+        } else {
+            // src/controller.rs:448-455
+            let mut n = notified_on(EndedOf(Arc::clone(prev)));
+            n.enable();
+            if prev.ended.load(Ordering::Acquire) {
+                return Poll::Ready;
+            }
+            *waiting = Some(n);
+        }
+        if cx == Cx::Once {
+            return Poll::Pending;
+        }
+    }
+}
+
+/// `struct Finisher` (src/controller.rs:1158).
 struct Finisher {
     ctrl: Arc<Controller>,
     key: Key,
@@ -738,48 +1331,96 @@ struct Finisher {
 }
 
 impl Finisher {
-    /// src/controller.rs:844
+    /// src/controller.rs:1168
     fn finish(&mut self, result: Arc<Output>) {
         let Some(flight) = self.flight.take() else {
             return;
         };
-        flight.complete(result);
-        let ignore_id = self.ctrl.bugs.finish_ignores_id; // BUG when set: skip the id check
-        let next = {
-            let mut shard = self.ctrl.flights.lock().unwrap(); // inner.flights.entry(..)
-            match shard.entry(self.key) {
-                Entry::Occupied(mut o) if ignore_id || o.get().id == self.id => {
-                    match o.get_mut().queued.take() {
-                        // promote the queued run: src/controller.rs:851-859
-                        Some(q) => {
-                            let id = self.ctrl.next_run.fetch_add(1, Ordering::Relaxed);
-                            let run = Arc::new(RunHandle {
-                                ended: Event::new(),
-                            });
-                            let slot = o.get_mut();
-                            slot.id = id;
-                            slot.run = Arc::clone(&run);
-                            slot.flight = Arc::clone(&q.flight);
-                            Some((id, run, q.flight))
-                        }
-                        None => {
-                            o.remove();
-                            None
-                        }
+        let bugs = self.ctrl.bugs;
+        if bugs.finish_publishes_first {
+            // BUG (the order before 1592426): published while the slot still leads to it.
+            flight.complete(Arc::clone(&result));
+        }
+        let me = self.id;
+        let key = self.key;
+        // src/controller.rs:1174-1178
+        // `remove_if(&self.rk, |_, s| s.id == me && s.queued.is_none())`
+        let removed = if bugs.finish_check_then_remove {
+            // BUG: the look and the removal are two sections; a caller can queue in between.
+            let removable = self
+                .ctrl
+                .flights
+                .read()
+                .unwrap()
+                .get(&key)
+                .is_some_and(|s| s.id == me && s.queued.is_none());
+            if removable {
+                self.ctrl.flights.write().unwrap().remove(&key)
+            } else {
+                None
+            }
+        } else {
+            let mut shard = self.ctrl.flights.write().unwrap();
+            let removable = shard
+                .get(&key)
+                .is_some_and(|s| (bugs.finish_ignores_id || s.id == me) && s.queued.is_none());
+            if removable { shard.remove(&key) } else { None }
+        }; // the removed slot is dropped outside the shard lock
+        let next = match removed {
+            Some(slot) => {
+                drop(slot);
+                None
+            }
+            // src/controller.rs:1181 `self.inner.flights.get_mut(&self.rk)`
+            None => {
+                let mut shard = self.ctrl.flights.write().unwrap();
+                match shard.get_mut(&key) {
+                    // src/controller.rs:1182-1194: promote the queued run.
+                    Some(slot) if slot.id == me => slot.queued.take().and_then(|mut q| {
+                        let id = self.ctrl.next_run.fetch_add(1, Ordering::Relaxed);
+                        let run = RunHandle::new(&self.ctrl.probe, bugs);
+                        slot.id = id;
+                        slot.run = Arc::clone(&run);
+                        slot.flight = Arc::clone(&q.flight);
+                        q.start.take().map(|s| (s, id, run))
+                    }),
+                    // `_ => None`. Model invariants: a live run's slot is never gone; if it is
+                    // not this run's any more, a later run (Replace) took it over.
+                    Some(slot) => {
+                        assert!(slot.id > me, "slot went back to an older run");
+                        None
                     }
+                    None => panic!("slot of a live run was removed by another run"),
                 }
-                // `_ => None`. Model invariant: a live run's slot is never gone; if it is not
-                // this run's any more, a later run (Replace) took it over.
-                Entry::Occupied(o) => {
-                    assert!(o.get().id > self.id, "slot went back to an older run");
-                    None
-                }
-                Entry::Vacant(_) => panic!("slot of a live run was removed by another run"),
             }
         };
-        self.run.ended.cancel(); // src/controller.rs:867
-        if let Some((id, run, flight)) = next {
-            Controller::launch(&self.ctrl, self.key, id, run, flight, None); // start(id, run)
+        // src/controller.rs:1200-1204
+        if !bugs.finish_publishes_first {
+            flight.complete(result);
+        }
+        self.run.end();
+        if let Some((start, id, run)) = next {
+            start(id, run);
+        }
+    }
+}
+
+/// `impl Drop for Finisher` (src/controller.rs:1209): ends a run that never finished as
+/// cancelled.
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // unwinding from a model panic: no more loom operations (see the header)
+        }
+        if let Some(flight) = &self.flight {
+            self.ctrl.probe.dropped_runs.fetch_add(1, StdSeqCst);
+            let out = Arc::new(Output {
+                flight: flight.no,
+                run: self.id,
+                busy: false,
+                dropped: true,
+            });
+            self.finish(out);
         }
     }
 }
@@ -790,27 +1431,44 @@ impl Finisher {
 
 #[derive(Clone, Copy)]
 enum Acq {
+    /// `acquire` (waits).
     Wait,
+    /// `try_acquire` (owned guard).
     Try,
+    /// `try_lock` (borrowing guard, as a run takes it).
+    TryLock,
 }
 
 /// Every thread takes the key (waiting or trying once), does the fenced critical section and
 /// releases. Checks: mutual exclusion, race-free critical sections, strictly increasing fencing
 /// tokens, no lost wake-up (else loom: deadlock), no entry left behind.
 fn lock_scenario(plan: &'static [Acq], bugs: Bugs, slept: &'static StdAtomicUsize) {
-    let locks = Arc::new(KeyedLocks::new(bugs, slept));
+    let locks = Arc::new(KeyedLocks::new(bugs));
     let probe = Arc::new(Probe::default());
     let one = |locks: &Arc<KeyedLocks>, probe: &Probe, how: Acq| -> bool {
-        let guard = match how {
-            Acq::Wait => Some(locks.acquire(KEY)),
-            Acq::Try => locks.try_acquire(KEY),
-        };
-        match guard {
-            Some(g) => {
+        match how {
+            Acq::Wait => {
+                let g = locks.acquire(KEY);
                 probe.critical_section(g.token());
                 true
             }
-            None => false,
+            Acq::Try => match locks.try_acquire(KEY) {
+                Some(g) => {
+                    probe.critical_section(g.token());
+                    true
+                }
+                None => false,
+            },
+            Acq::TryLock => {
+                let key = KEY;
+                match locks.try_lock(&key) {
+                    Some(g) => {
+                        probe.critical_section(g.token());
+                        true
+                    }
+                    None => false,
+                }
+            }
         }
     };
     let handles: Vec<_> = plan[1..]
@@ -824,6 +1482,7 @@ fn lock_scenario(plan: &'static [Acq], bugs: Bugs, slept: &'static StdAtomicUsiz
     for h in handles {
         got += usize::from(h.join().unwrap());
     }
+    slept.fetch_add(locks.slept.load(StdSeqCst), StdSeqCst);
     let waiting = plan.iter().filter(|a| matches!(a, Acq::Wait)).count();
     assert!(got >= waiting, "a waiting acquirer did not get the lock");
     assert_eq!(locks.len(), 0, "lock entry leaked");
@@ -851,6 +1510,23 @@ fn lock_waiters_and_try_acquire() {
     static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     check("lock_waiters_and_try_acquire", &ITER, || {
         lock_scenario(&[Acq::Wait, Acq::Try, Acq::Wait], Bugs::default(), &SLEPT)
+    });
+    assert!(
+        SLEPT.load(StdSeqCst) > 0,
+        "no interleaving made a waiter sleep"
+    );
+}
+
+#[test]
+fn lock_waiters_and_try_lock() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
+    check("lock_waiters_and_try_lock", &ITER, || {
+        lock_scenario(
+            &[Acq::TryLock, Acq::Wait, Acq::Wait],
+            Bugs::default(),
+            &SLEPT,
+        )
     });
     assert!(
         SLEPT.load(StdSeqCst) > 0,
@@ -887,7 +1563,7 @@ fn broken_lock_notify_before_remove_loses_wakeup() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Flight tests
+// Flight and RunSignal tests
 // ---------------------------------------------------------------------------------------------
 
 /// Two waiters and a completer: both get the one (pointer-equal) value.
@@ -905,6 +1581,7 @@ fn flight_scenario(bugs: Bugs) {
                 flight: 0,
                 run: 1,
                 busy: false,
+                dropped: false,
             }))
         })
     };
@@ -917,7 +1594,8 @@ fn flight_scenario(bugs: Bugs) {
         Output {
             flight: 0,
             run: 1,
-            busy: false
+            busy: false,
+            dropped: false,
         }
     );
 }
@@ -943,31 +1621,70 @@ fn broken_flight_check_before_register_loses_wakeup() {
     });
 }
 
+/// A run waiting on its cancellation (`RunSignal::cancelled`, which makes the token lazily)
+/// while a replacing caller cancels it: the waiter always wakes, and the token ends cancelled.
+fn signal_scenario(bugs: Bugs) {
+    let signal = Arc::new(RunSignal::new(bugs));
+    let canceller = {
+        let s = Arc::clone(&signal);
+        thread::spawn(move || s.cancel(REPLACED))
+    };
+    signal.cancelled();
+    canceller.join().unwrap();
+    assert!(signal.is_cancelled());
+    if let Some(t) = signal.token_get() {
+        assert!(t.is_cancelled(), "the run's token missed its cancellation");
+    }
+}
+
+#[test]
+fn signal_cancel_reaches_lazily_made_token() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    check("signal_cancel_reaches_lazily_made_token", &ITER, || {
+        signal_scenario(Bugs::default())
+    });
+}
+
+#[test]
+#[should_panic(expected = "deadlock")]
+fn broken_signal_without_fences_loses_cancellation() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        signal_without_fences: true,
+        ..Bugs::default()
+    };
+    check("broken_signal_without_fences", &ITER, move || {
+        signal_scenario(bugs)
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Single-flight tests (controller slots + flights + locks together)
 // ---------------------------------------------------------------------------------------------
 
-/// Callers of one key with the given overlap policies; returns how many bodies ran.
+/// Callers of one key with the given plans; returns how many flights were created (each must
+/// have run its body once).
 ///
-/// Checks: every caller gets the value of the flight it joined, pointer-equal across that
-/// flight's callers; every flight's body ran exactly once and never two at once (in `Probe`);
-/// no run ever found the key's lock held by another run of the same controller (with the
-/// default `lock_wait` of zero that would surface as a spurious `Busy`): the in-flight slot
+/// Checks: no run was dropped (a leader giving up hands it off) and no queued run was dropped
+/// unstarted; no cancelled run's token missed its cancellation; every caller that did not give
+/// up gets the value of the flight it joined, pointer-equal across that flight's callers;
+/// every flight's body ran exactly once and never two at once (in `Probe`); no run ever found
+/// the key's lock held by another run of the same controller (with the default `lock_wait` of
+/// zero that would surface as a spurious `Busy`, with a wait as a sleep): the in-flight slot
 /// alone keeps runs of a key apart; no slot and no lock entry left behind once every task is
-/// done.
+/// done; and (at every join) no stale join.
 fn flight_scenario_ctrl(
-    plan: &'static [Overlap],
-    launch: Launch,
+    plan: &'static [Call],
     lock_wait: LockWait,
+    pends: bool,
     bugs: Bugs,
-    slept: &'static StdAtomicUsize,
-) -> usize {
-    let ctrl = Controller::new(launch, lock_wait, bugs, slept);
+) -> Outcome {
+    let ctrl = Controller::new(lock_wait, pends, bugs);
     let handles: Vec<_> = plan[1..]
         .iter()
-        .map(|&overlap| {
+        .map(|&call| {
             let c = Arc::clone(&ctrl);
-            thread::spawn(move || c.start(KEY, overlap))
+            thread::spawn(move || c.start(KEY, call))
         })
         .collect();
     let mut got = vec![ctrl.start(KEY, plan[0])];
@@ -976,6 +1693,28 @@ fn flight_scenario_ctrl(
     }
     ctrl.join_all();
 
+    let probe = &ctrl.probe;
+    assert_eq!(
+        probe.dropped_runs.load(StdSeqCst),
+        0,
+        "a run was dropped before it finished (its leader gave up and nobody took it over)"
+    );
+    assert_eq!(
+        probe.queued_dropped.load(StdSeqCst),
+        0,
+        "a queued run was dropped without being started"
+    );
+    for run in probe.runs.lock().unwrap().iter() {
+        if run.signal.is_cancelled()
+            && let Some(t) = run.signal.token_get()
+        {
+            assert!(
+                t.is_cancelled(),
+                "a cancelled run's token was never cancelled"
+            );
+        }
+    }
+    let got: Vec<_> = got.into_iter().flatten().collect();
     for (joined, value) in &got {
         assert_eq!(value.flight, *joined, "a caller got another flight's value");
         assert!(
@@ -988,19 +1727,37 @@ fn flight_scenario_ctrl(
             assert_eq!(fa == fb, Arc::ptr_eq(a, b), "one flight, one shared value");
         }
     }
-    let created = ctrl.probe.flights_created.load(StdSeqCst);
-    let bodies = ctrl.probe.bodies.lock().unwrap().clone();
+    let created = probe.flights_created.load(StdSeqCst);
+    let bodies = probe.bodies.lock().unwrap().clone();
     assert_eq!(bodies.len(), created, "a flight never ran: {bodies:?}");
     assert!(bodies.values().all(|&n| n == 1), "{bodies:?}");
     assert!(
-        ctrl.flights.lock().unwrap().is_empty(),
+        ctrl.flights.read().unwrap().is_empty(),
         "in-flight slot leaked"
     );
     assert_eq!(ctrl.locks.len(), 0, "lock entry leaked");
-    let tokens = ctrl.probe.tokens();
+    assert_eq!(
+        ctrl.locks.slept.load(StdSeqCst),
+        0,
+        "a run waited for its own controller's lock"
+    );
+    let tokens = probe.tokens();
     assert_eq!(tokens.len(), created);
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
-    created
+    Outcome {
+        flights: created,
+        gave_up_waiting: probe.gave_up_waiting.load(StdSeqCst),
+        gave_up_in_body: probe.gave_up_in_body.load(StdSeqCst),
+    }
+}
+
+/// What one interleaving of a controller scenario did.
+struct Outcome {
+    /// Flights created (each ran its body once).
+    flights: usize,
+    /// Leaders that gave up while waiting for the replaced run to end / inside the body.
+    gave_up_waiting: usize,
+    gave_up_in_body: usize,
 }
 
 /// Records which body counts were reached, to show both outcomes are explored.
@@ -1011,64 +1768,69 @@ fn seen(set: &StdMutex<Vec<usize>>, n: usize) {
     }
 }
 
+fn sorted(set: &StdMutex<Vec<usize>>) -> Vec<usize> {
+    let mut s = set.lock().unwrap().clone();
+    s.sort();
+    s
+}
+
 #[test]
-fn single_flight_coalesce_two_callers_tasks() {
+fn single_flight_coalesce_two_callers() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
-    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
-    check("single_flight_coalesce_two_callers_tasks", &ITER, || {
-        let n = flight_scenario_ctrl(
-            &[Overlap::Coalesce, Overlap::Coalesce],
-            Launch::Task,
-            LockWait::Zero,
-            Bugs::default(),
-            &SLEPT,
-        );
+    check("single_flight_coalesce_two_callers", &ITER, || {
+        let n = flight_scenario_ctrl(&[C, C], LockWait::Zero, false, Bugs::default()).flights;
         seen(&SEEN, n);
     });
-    let mut s = SEEN.lock().unwrap().clone();
-    s.sort();
     assert_eq!(
-        s,
+        sorted(&SEEN),
         [1, 2],
         "joined once, and started anew after the slot was removed"
     );
 }
 
 #[test]
-fn single_flight_coalesce_three_callers_inline() {
+fn single_flight_coalesce_three_callers() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
-    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
-    check("single_flight_coalesce_three_callers_inline", &ITER, || {
-        let n = flight_scenario_ctrl(
-            &[Overlap::Coalesce, Overlap::Coalesce, Overlap::Coalesce],
-            Launch::Inline,
-            LockWait::Wait,
-            Bugs::default(),
-            &SLEPT,
-        );
+    check("single_flight_coalesce_three_callers", &ITER, || {
+        let n = flight_scenario_ctrl(&[C, C, C], LockWait::Wait, false, Bugs::default()).flights;
         seen(&SEEN, n);
     });
-    let mut s = SEEN.lock().unwrap().clone();
-    s.sort();
+    let s = sorted(&SEEN);
     assert_eq!(s.first(), Some(&1));
     assert!(s.len() >= 2, "only {s:?} bodies ever ran");
 }
 
 #[test]
-fn single_flight_queue_one_promotes_tasks() {
+fn single_flight_coalesce_leader_gives_up() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
-    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
-    check("single_flight_queue_one_promotes_tasks", &ITER, || {
-        let n = flight_scenario_ctrl(
-            &[Overlap::QueueOne, Overlap::QueueOne],
-            Launch::Task,
-            LockWait::Zero,
-            Bugs::default(),
-            &SLEPT,
-        );
+    static IN_BODY: StdAtomicUsize = StdAtomicUsize::new(0);
+    check("single_flight_coalesce_leader_gives_up", &ITER, || {
+        let o = flight_scenario_ctrl(&[C_GIVES_UP, C], LockWait::Zero, true, Bugs::default());
+        // The caller that gives up may have joined instead (then it waits: not modelled).
+        assert!(o.gave_up_waiting + o.gave_up_in_body <= 1);
+        IN_BODY.fetch_add(o.gave_up_in_body, StdSeqCst);
+        seen(&SEEN, o.flights);
+    });
+    assert!(
+        IN_BODY.load(StdSeqCst) > 0,
+        "no leader gave up inside the body"
+    );
+    assert_eq!(
+        sorted(&SEEN),
+        [1, 2],
+        "joined the handed-off run once, and started anew after it"
+    );
+}
+
+#[test]
+fn single_flight_queue_one_promotes() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
+    check("single_flight_queue_one_promotes", &ITER, || {
+        let n = flight_scenario_ctrl(&[Q, Q], LockWait::Zero, false, Bugs::default()).flights;
         seen(&SEEN, n);
     });
     // Always two runs: queued behind the first, or started after it.
@@ -1076,44 +1838,45 @@ fn single_flight_queue_one_promotes_tasks() {
 }
 
 #[test]
-fn single_flight_queue_one_three_callers_inline() {
+fn single_flight_queue_one_three_callers() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
-    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
-    check(
-        "single_flight_queue_one_three_callers_inline",
-        &ITER,
-        || {
-            let n = flight_scenario_ctrl(
-                &[Overlap::QueueOne, Overlap::QueueOne, Overlap::QueueOne],
-                Launch::Inline,
-                LockWait::Wait,
-                Bugs::default(),
-                &SLEPT,
-            );
-            seen(&SEEN, n);
-        },
-    );
+    check("single_flight_queue_one_three_callers", &ITER, || {
+        let n = flight_scenario_ctrl(&[Q, Q, Q], LockWait::Wait, false, Bugs::default()).flights;
+        seen(&SEEN, n);
+    });
     // Two callers sharing the queued run gives 2 bodies for 3 callers.
     assert!(SEEN.lock().unwrap().contains(&2));
 }
 
 #[test]
+fn single_flight_queue_one_leader_gives_up() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
+    static IN_BODY: StdAtomicUsize = StdAtomicUsize::new(0);
+    check("single_flight_queue_one_leader_gives_up", &ITER, || {
+        let o = flight_scenario_ctrl(&[Q_GIVES_UP, Q], LockWait::Zero, true, Bugs::default());
+        IN_BODY.fetch_add(o.gave_up_in_body, StdSeqCst);
+        seen(&SEEN, o.flights);
+    });
+    // Always two runs (the handed-off run promotes the queued one from its task, or the
+    // second caller starts after it).
+    assert_eq!(*SEEN.lock().unwrap(), [2]);
+    assert!(
+        IN_BODY.load(StdSeqCst) > 0,
+        "no leader gave up inside the body"
+    );
+}
+
+#[test]
 fn single_flight_replace_waits_for_previous_run() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
-    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
     check(
         "single_flight_replace_waits_for_previous_run",
         &ITER,
         || {
-            let n = flight_scenario_ctrl(
-                &[Overlap::Replace, Overlap::Replace],
-                Launch::Task,
-                LockWait::Zero,
-                Bugs::default(),
-                &SLEPT,
-            );
+            let n = flight_scenario_ctrl(&[R, R], LockWait::Zero, true, Bugs::default()).flights;
             seen(&SEEN, n);
         },
     );
@@ -1121,39 +1884,121 @@ fn single_flight_replace_waits_for_previous_run() {
 }
 
 #[test]
-fn single_flight_replace_three_callers_inline() {
+fn single_flight_replace_three_callers() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
-    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
-    check("single_flight_replace_three_callers_inline", &ITER, || {
-        let n = flight_scenario_ctrl(
-            &[Overlap::Replace, Overlap::Replace, Overlap::Replace],
-            Launch::Inline,
-            LockWait::Zero,
-            Bugs::default(),
-            &SLEPT,
-        );
+    check("single_flight_replace_three_callers", &ITER, || {
+        let n = flight_scenario_ctrl(&[R, R, R], LockWait::Zero, true, Bugs::default()).flights;
         seen(&SEEN, n);
     });
     assert_eq!(*SEEN.lock().unwrap(), [3]);
 }
 
 #[test]
+fn single_flight_replace_leader_gives_up() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    static SEEN: StdMutex<Vec<usize>> = StdMutex::new(Vec::new());
+    static WAITING: StdAtomicUsize = StdAtomicUsize::new(0);
+    static IN_BODY: StdAtomicUsize = StdAtomicUsize::new(0);
+    check("single_flight_replace_leader_gives_up", &ITER, || {
+        let o = flight_scenario_ctrl(&[R, R_GIVES_UP], LockWait::Zero, true, Bugs::default());
+        WAITING.fetch_add(o.gave_up_waiting, StdSeqCst);
+        IN_BODY.fetch_add(o.gave_up_in_body, StdSeqCst);
+        seen(&SEEN, o.flights);
+    });
+    assert_eq!(*SEEN.lock().unwrap(), [2]);
+    assert!(
+        WAITING.load(StdSeqCst) > 0,
+        "no leader gave up while waiting for the replaced run to end"
+    );
+    assert!(
+        IN_BODY.load(StdSeqCst) > 0,
+        "no leader gave up inside the body"
+    );
+}
+
+#[test]
 #[should_panic(expected = "slot of a live run was removed")]
 fn broken_finish_without_id_check_removes_successors_slot() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
-    static SLEPT: StdAtomicUsize = StdAtomicUsize::new(0);
     let bugs = Bugs {
         finish_ignores_id: true,
         ..Bugs::default()
     };
     check("broken_finish_without_id_check", &ITER, move || {
-        flight_scenario_ctrl(
-            &[Overlap::Replace, Overlap::Replace],
-            Launch::Task,
-            LockWait::Zero,
-            bugs,
-            &SLEPT,
-        );
+        flight_scenario_ctrl(&[R, R], LockWait::Zero, true, bugs);
     });
+}
+
+#[test]
+#[should_panic(expected = "a queued run was dropped without being started")]
+fn broken_finish_check_then_remove_drops_queued_run() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        finish_check_then_remove: true,
+        ..Bugs::default()
+    };
+    check("broken_finish_check_then_remove", &ITER, move || {
+        flight_scenario_ctrl(&[Q, Q], LockWait::Zero, false, bugs);
+    });
+}
+
+#[test]
+#[should_panic(expected = "stale join")]
+fn broken_finish_publishing_first_lets_a_caller_join_an_ended_run() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        finish_publishes_first: true,
+        ..Bugs::default()
+    };
+    check("broken_finish_publishes_first", &ITER, move || {
+        flight_scenario_ctrl(&[C, C], LockWait::Zero, false, bugs);
+    });
+}
+
+#[test]
+#[should_panic(expected = "a run was dropped before it finished")]
+fn broken_lead_drop_drops_run_instead_of_handing_it_off() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        lead_drop_drops_run: true,
+        ..Bugs::default()
+    };
+    check("broken_lead_drop_drops_run", &ITER, move || {
+        flight_scenario_ctrl(&[C_GIVES_UP, C], LockWait::Zero, true, bugs);
+    });
+}
+
+#[test]
+#[should_panic(expected = "deadlock")]
+fn broken_wait_ended_check_before_register_loses_wakeup() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        ended_check_before_register: true,
+        ..Bugs::default()
+    };
+    check(
+        "broken_wait_ended_check_before_register",
+        &ITER,
+        move || {
+            flight_scenario_ctrl(&[R, R], LockWait::Zero, true, bugs);
+        },
+    );
+}
+
+#[test]
+#[should_panic(expected = "a cancelled run's token was never cancelled")]
+fn broken_signal_without_fences_in_replace_loses_cancellation() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        signal_without_fences: true,
+        ..Bugs::default()
+    };
+    check(
+        "broken_signal_without_fences_in_replace",
+        &ITER,
+        move || {
+            flight_scenario_ctrl(&[R, R], LockWait::Zero, true, bugs);
+        },
+    );
 }
