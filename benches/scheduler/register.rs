@@ -1,7 +1,7 @@
 //! Registering a job: time (criterion) and heap bytes (counting allocator).
 //!
 //! One registration here is what a service does per scheduled job: for us a plugin and its
-//! trigger (`RuntimeBuilder::job` + `trigger`, then `build`, and `start` with the timer task's
+//! trigger (`RuntimeBuilder::job` + `trigger`, then `build`, and `start` with the timer shards'
 //! first poll); for tokio-cron-scheduler `Job::new_async` + `JobScheduler::add`. Each timed
 //! iteration registers `BATCH` jobs into a new runtime (ours) or an unstarted scheduler
 //! (tokio-cron-scheduler, whose jobs are removed again untimed), so the figures are per job.
@@ -97,7 +97,7 @@ pub(crate) fn bench(c: &mut Criterion) {
         });
     }
 
-    // Ours, up and running: + `start` (a timer task per trigger) and each timer's first poll.
+    // Ours, up and running: + `start` (the timer shards, one task per worker) and their first poll.
     for (name, trigger) in [
         (
             "ours/build+start/every",
@@ -120,7 +120,7 @@ pub(crate) fn bench(c: &mut Criterion) {
                             .build()
                             .expect("valid")
                             .start();
-                        // Current-thread runtime: every timer task runs once before this
+                        // Current-thread runtime: every timer shard runs once before this
                         // task is polled again.
                         tokio::task::yield_now().await;
                         total += start.elapsed();
