@@ -1084,7 +1084,7 @@ impl JobRuntimeController {
         let (rk, record, flight) = (rk.clone(), Arc::clone(record), Arc::clone(flight));
         let policy = policy.clone();
         Box::new(move |id, run, span| {
-            span.record("job.run_id", id);
+            span.record("job.run_id", crate::telemetry::int(id));
             if let Some(inner) = inner.upgrade() {
                 let run =
                     Inner::run_future(&inner, rk, policy, record, id, run, flight, f, None, span);
@@ -1406,7 +1406,7 @@ impl Inner {
             "job.run",
             job.name = &*rk.job,
             job.key = Empty,
-            job.run_id = id,
+            job.run_id = id.map(crate::telemetry::int),
             job.overlap = overlap,
             job.forced = forced,
             job.outcome = Empty,
@@ -1437,7 +1437,11 @@ impl Inner {
     /// a link from the caller's span to the run's.
     fn coalesced(&self, rk: &RunKey, id: u64, run_span: &tracing::Span) {
         self.metrics.coalesced.add(1, &Metrics::job(&rk.job));
-        tracing::debug!(job.name = &*rk.job, job.run_id = id, "job.coalesced");
+        tracing::debug!(
+            job.name = &*rk.job,
+            job.run_id = crate::telemetry::int(id),
+            "job.coalesced"
+        );
         #[cfg(feature = "otel")]
         crate::telemetry::link(&tracing::Span::current(), run_span);
         #[cfg(not(feature = "otel"))]
@@ -1691,7 +1695,7 @@ impl Inner {
         let active = Active(self, &job_attr);
         if !span.is_disabled() {
             span.record("job.lock_wait_ms", lock_wait.as_secs_f64() * 1e3);
-            span.record("job.fencing_token", held.token());
+            span.record("job.fencing_token", crate::telemetry::int(held.token()));
         }
         {
             let mut d = record.data();
@@ -1879,7 +1883,7 @@ impl Inner {
             let aspan = tracing::info_span!(
                 "job.attempt",
                 job.name = &*rk.job,
-                job.attempt = attempt,
+                job.attempt = crate::telemetry::int(attempt),
                 job.outcome = Empty,
                 job.retry_in_ms = Empty,
                 job.scan_id = Empty,
@@ -1888,7 +1892,7 @@ impl Inner {
                 otel.status_code = Empty,
                 otel.status_description = Empty,
             );
-            span.record("job.attempts", attempt);
+            span.record("job.attempts", crate::telemetry::int(attempt));
             let end = match std::panic::catch_unwind(AssertUnwindSafe(|| aspan.in_scope(|| f(ctx))))
             {
                 Err(p) => AttemptEnd::Done(Err(p)),

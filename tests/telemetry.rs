@@ -247,6 +247,17 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
     assert!(run.attr("job.run_id").is_some());
     assert!(run.attr("job.fencing_token").is_some());
     assert!(run.attr("job.lock_wait_ms").is_some());
+    // Numbers arrive as numbers (not their Debug strings), flags as booleans.
+    for (key, ty) in [
+        ("job.run_id", "int"),
+        ("job.fencing_token", "int"),
+        ("job.attempts", "int"),
+        ("job.lock_wait_ms", "double"),
+        ("job.forced", "bool"),
+        ("job.outcome", "string"),
+    ] {
+        assert_eq!(run.attr_type(key), Some(ty), "{key}");
+    }
     let hashed = KeyAttribute::Hashed.render("user-42").unwrap();
     assert_eq!(
         run.attr("job.key"),
@@ -289,6 +300,7 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
     let attempts = attempts_of(&spans, run);
     assert_eq!(attempts.len(), 2, "{}", summary(&spans));
     assert_eq!(attempts[0].attr("job.attempt"), Some("1"));
+    assert_eq!(attempts[0].attr_type("job.attempt"), Some("int"));
     assert_eq!(attempts[0].status_code, "error");
     assert_eq!(attempts[0].attr("error.type"), Some("failed"));
     assert!(attempts[0].attr("job.retry_in_ms").is_some());
@@ -346,10 +358,10 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
     // 6. The scan's attempt carries its scan id; the demand refresh is a trigger of its own.
     let scans = runs_of(&spans, "telemetry-store");
     assert_eq!(scans.len(), 2, "{}", summary(&spans));
-    assert_eq!(
-        attempts_of(&spans, scans[0])[0].attr("job.scan_id"),
-        Some("1")
-    );
+    let scan = attempts_of(&spans, scans[0])[0];
+    assert_eq!(scan.attr("job.scan_id"), Some("1"));
+    assert_eq!(scan.attr_type("job.scan_id"), Some("int"));
+    assert_eq!(scan.attr_type("job.items_changed"), Some("int"));
     let demand = parent(&spans, scans[1]);
     assert_eq!(demand.name, "job.trigger");
     assert_eq!(demand.attr("job.trigger"), Some("demand"));

@@ -1331,8 +1331,11 @@ where
         }
         // On the attempt's span (the current one here).
         let span = tracing::Span::current();
-        span.record("job.scan_id", scan_id);
-        span.record("job.items_changed", produced.items_changed);
+        span.record("job.scan_id", crate::telemetry::int(scan_id));
+        span.record(
+            "job.items_changed",
+            crate::telemetry::int(produced.items_changed),
+        );
         if let Some(files) = &self.files {
             let (files, value) = (Arc::clone(files), Arc::clone(&cur.snap.data));
             let written = tokio::task::spawn_blocking(move || {

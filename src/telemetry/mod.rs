@@ -192,6 +192,13 @@ impl Metrics {
     }
 }
 
+/// An unsigned count or id as a span attribute. tracing-opentelemetry records a `u64` field
+/// through its `Debug` form (a string on the wire, `"1"`), an `i64` as an integer: so ids,
+/// attempts, fencing tokens and scan ids go through this (saturating at `i64::MAX`).
+pub(crate) fn int(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
 /// Marks `span` as failed with `e`, per the OpenTelemetry conventions: `error.type`, the span
 /// status, and an `exception` event.
 pub(crate) fn record_error(span: &tracing::Span, e: &crate::JobError) {

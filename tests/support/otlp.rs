@@ -42,6 +42,9 @@ pub struct SpanRecord {
     /// `internal`, `server`, `client`, `producer`, `consumer` or `unspecified`.
     pub kind: String,
     pub attributes: BTreeMap<String, String>,
+    /// Each attribute's OTLP value type: `string`, `bool`, `int`, `double`, `array`, `kvlist`,
+    /// `bytes` (`attributes` renders them all as strings).
+    pub attribute_types: BTreeMap<String, &'static str>,
     pub events: Vec<EventRecord>,
     pub links: Vec<LinkRecord>,
     /// `unset`, `ok` or `error`.
@@ -59,6 +62,11 @@ impl SpanRecord {
     /// An attribute's value, if the span has it.
     pub fn attr(&self, key: &str) -> Option<&str> {
         self.attributes.get(key).map(String::as_str)
+    }
+
+    /// An attribute's OTLP value type (`int`, `string`, …), if the span has it.
+    pub fn attr_type(&self, key: &str) -> Option<&'static str> {
+        self.attribute_types.get(key).copied()
     }
 
     /// The first event with this name.
@@ -433,6 +441,11 @@ fn flatten_spans(request: ExportTraceServiceRequest) -> Vec<SpanRecord> {
                     }
                     .to_string(),
                     attributes: attributes(&s.attributes),
+                    attribute_types: s
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), value_type(kv.value.as_ref())))
+                        .collect(),
                     events: s
                         .events
                         .iter()
@@ -567,6 +580,21 @@ fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {
             )
         })
         .collect()
+}
+
+/// The OTLP type of an attribute value.
+fn value_type(v: Option<&AnyValue>) -> &'static str {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(_)) => "string",
+        Some(any_value::Value::BoolValue(_)) => "bool",
+        Some(any_value::Value::IntValue(_)) => "int",
+        Some(any_value::Value::DoubleValue(_)) => "double",
+        Some(any_value::Value::ArrayValue(_)) => "array",
+        Some(any_value::Value::KvlistValue(_)) => "kvlist",
+        Some(any_value::Value::BytesValue(_)) => "bytes",
+        Some(any_value::Value::StringValueStrindex(_)) => "strindex",
+        None => "none",
+    }
 }
 
 /// An attribute value as a string: strings as they are, numbers and booleans in their usual
