@@ -42,11 +42,16 @@ pub(crate) enum Compiled {
 }
 
 /// Parsed cron expressions by (expression, time zone), so that the triggers of one runtime
-/// that share an expression share one parsed pattern (croner's is ~5.5 KB) and one parse.
+/// that share an expression share one schedule and one parse; and the date-only patterns
+/// (croner's, ~5.5 KB each) by the text of their date fields, so that expressions that differ
+/// only in their time of day (`0 15 3 * * *`, `30 0 4 * * *`) share one.
 #[derive(Debug, Default)]
 pub(crate) struct CronCache {
     #[cfg(feature = "cron")]
     parsed: HashMap<(String, Option<String>), Arc<CronSchedule>>,
+    /// Date-only patterns, shared by expressions whose date fields are the same text.
+    #[cfg(feature = "cron")]
+    dates: super::cron::DatePatterns,
 }
 
 impl Schedule {
@@ -181,7 +186,11 @@ impl Compiled {
                 if let Some(cron) = cache.parsed.get(&key) {
                     return Ok(Compiled::Cron(Arc::clone(cron)));
                 }
-                let cron = Arc::new(CronSchedule::new(expr, t.zone.as_deref())?);
+                let cron = Arc::new(CronSchedule::new_shared(
+                    expr,
+                    t.zone.as_deref(),
+                    &mut cache.dates,
+                )?);
                 cache.parsed.insert(key, Arc::clone(&cron));
                 Ok(Compiled::Cron(cron))
             }
@@ -266,5 +275,46 @@ mod tests {
         }
         // And a different zone is a different schedule.
         assert_ne!(other_zone.next_after(start), own.next_after(start));
+    }
+
+    /// Expressions that differ only in their time of day share one date-only pattern; other
+    /// date fields get their own; each schedule answers what its own unshared parse does.
+    #[test]
+    fn times_of_day_share_one_date_pattern_and_agree_with_their_own() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        let exprs = [
+            "0 15 3 * * *",
+            "30 0 4 * * *",
+            "*/10 * 9-17 * * *",
+            "0 0 12 L * *",
+            "0 30 9 L * *",
+            "5 5 5 * * 5#3",
+            "@daily",
+        ];
+        let mut cache = CronCache::default();
+        let shared: Vec<Schedule> = exprs
+            .iter()
+            .map(|e| Schedule::new_cached(&Trigger::cron(*e), start, &mut cache).unwrap())
+            .collect();
+        // `* * *`, `L * *`, `* * 5#3` and `@daily`.
+        assert_eq!(cache.dates.len(), 4);
+        let date = |i: usize| match shared[i].compiled() {
+            Compiled::Cron(c) => c.date_pattern(),
+            Compiled::Every(_) => unreachable!("a cron trigger"),
+        };
+        assert!(Arc::ptr_eq(&date(0), &date(1)));
+        assert!(Arc::ptr_eq(&date(0), &date(2)));
+        assert!(Arc::ptr_eq(&date(3), &date(4)));
+        assert!(!Arc::ptr_eq(&date(0), &date(3)));
+        assert!(!Arc::ptr_eq(&date(0), &date(5)));
+        for (expr, s) in exprs.iter().zip(&shared) {
+            let own = Schedule::new(&Trigger::cron(*expr), start).unwrap();
+            let (mut a, mut b) = (start, start);
+            for _ in 0..400 {
+                a = s.next_after(a).unwrap();
+                b = own.next_after(b).unwrap();
+                assert_eq!(a, b, "`{expr}`");
+            }
+        }
     }
 }
