@@ -78,6 +78,17 @@ pub(crate) fn far_cron_distinct(i: usize) -> String {
     format!("{} {} {hour} * * *", i % 60, i / 60 % 60)
 }
 
+/// A cron expression for job `i` whose date fields are its own (up to 11,088 distinct ones:
+/// day of month, month and a year from 2030), so no two share croner's date pattern.
+pub(crate) fn far_cron_distinct_dates(i: usize) -> String {
+    format!(
+        "0 0 0 {} {} * {}",
+        1 + i % 28,
+        1 + i / 28 % 12,
+        2030 + i / 336
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fire times
 
