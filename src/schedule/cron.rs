@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone};
@@ -36,14 +36,75 @@ use super::nanos::{NANOS_PER_SEC, Nanos, floor_secs};
 #[derive(Debug, Clone)]
 pub(crate) struct CronSchedule {
     /// Matches the midnight (civil) of each day the expression fires on.
-    date: Arc<Cron>,
+    date: Arc<DatePattern>,
     zone: Tz,
     day: DayCache,
 }
 
 /// Date-only patterns by the text of their date fields (see [`date_key`]), shared by the
 /// schedules built with one map.
-pub(crate) type DatePatterns = HashMap<String, Arc<Cron>>;
+pub(crate) type DatePatterns = HashMap<String, Arc<DatePattern>>;
+
+/// croner's pattern for an expression's date fields, and the last answer of its day search,
+/// shared by every schedule that uses the pattern: thousands of triggers registered together,
+/// or due on the same day, ask it about the same day, and all but the first get the answer
+/// without a search.
+#[derive(Debug)]
+pub(crate) struct DatePattern {
+    /// Matches the midnight (civil) of each day the date fields match.
+    cron: Cron,
+    /// The last [`DatePattern::matching_day`] question and answer for an even and for an odd
+    /// day (a trigger asks about today, then often tomorrow), each as two `i32` day numbers in
+    /// one word (question high, answer low; [`NO_DAY`] for "none"); [`NOT_ASKED`] before the
+    /// first. The answer depends on the question alone, so any thread may reuse it.
+    last: [AtomicU64; 2],
+}
+
+/// `DatePattern::last` before the first question.
+const NOT_ASKED: u64 = u64::MAX;
+/// The answer "no matching day" (past croner's last year).
+const NO_DAY: i32 = i32::MIN;
+
+impl DatePattern {
+    fn new(cron: Cron) -> Self {
+        Self {
+            cron: date_only(cron),
+            last: [AtomicU64::new(NOT_ASKED), AtomicU64::new(NOT_ASKED)],
+        }
+    }
+
+    /// The first civil day (days since 1970-01-01) at or after `day` that the date fields
+    /// match, from croner's search (or the last answer, when the question is the same);
+    /// `None` past croner's last year.
+    fn matching_day(&self, day: i64) -> Option<i64> {
+        let Ok(asked) = i32::try_from(day) else {
+            return self.search(day);
+        };
+        let slot = &self.last[(asked & 1) as usize];
+        let last = slot.load(Ordering::Relaxed);
+        if last != NOT_ASKED && (last >> 32) as u32 as i32 == asked {
+            let answer = last as u32 as i32;
+            return (answer != NO_DAY).then_some(i64::from(answer));
+        }
+        let found = self.search(day);
+        let answer = match found.map(i32::try_from) {
+            Some(Ok(a)) if a != NO_DAY => a,
+            Some(_) => return found,
+            None => NO_DAY,
+        };
+        slot.store(
+            u64::from(asked as u32) << 32 | u64::from(answer as u32),
+            Ordering::Relaxed,
+        );
+        found
+    }
+
+    fn search(&self, day: i64) -> Option<i64> {
+        let before = DateTime::from_timestamp(day.checked_mul(DAY_SECS)? - 1, 0)?.naive_utc();
+        let midnight = self.cron.find_next_occurrence(&before, false).ok()?;
+        Some(midnight.and_utc().timestamp().div_euclid(DAY_SECS))
+    }
+}
 
 const DAY_SECS: i64 = 86_400;
 
@@ -176,7 +237,7 @@ impl CronSchedule {
         let date = match dates.get(&date_key(expr)) {
             Some(date) => Arc::clone(date),
             None => {
-                let date = Arc::new(date_only(cron));
+                let date = Arc::new(DatePattern::new(cron));
                 dates.insert(date_key(expr), Arc::clone(&date));
                 date
             }
@@ -186,7 +247,7 @@ impl CronSchedule {
 
     /// The shared date-only pattern (for tests of the sharing).
     #[cfg(test)]
-    pub(crate) fn date_pattern(&self) -> Arc<Cron> {
+    pub(crate) fn date_pattern(&self) -> Arc<DatePattern> {
         Arc::clone(&self.date)
     }
 
@@ -253,12 +314,9 @@ impl CronSchedule {
         DateTime::from_timestamp(t, 0).map(|d| d.naive_utc())
     }
 
-    /// The first civil day (days since 1970-01-01) at or after `day` that the date fields
-    /// match, from croner's search; `None` past its last year.
+    /// The first civil day at or after `day` that the date fields match.
     fn matching_day(&self, day: i64) -> Option<i64> {
-        let before = DateTime::from_timestamp(day.checked_mul(DAY_SECS)? - 1, 0)?.naive_utc();
-        let midnight = self.date.find_next_occurrence(&before, false).ok()?;
-        Some(midnight.and_utc().timestamp().div_euclid(DAY_SECS))
+        self.date.matching_day(day)
     }
 
     fn offset(&self, utc: NaiveDateTime) -> TimeDelta {
@@ -561,6 +619,32 @@ mod tests {
         };
         empty.learn(0);
         assert_eq!(empty.next_from(1), None);
+    }
+
+    /// The remembered last answer is what a search answers, for questions in any order and
+    /// repeated, "no day" (past a year field's end) included.
+    #[test]
+    fn a_date_patterns_remembered_answer_is_the_search_answer() {
+        for expr in [
+            "0 0 0 29 2 *",
+            "0 0 0 L * *",
+            "0 0 1 * * * 2026-2027",
+            "5 5 5 * * 5#3",
+            "0 0 0 * * *",
+        ] {
+            let shared = DatePattern::new(parse(expr).unwrap());
+            let mut rng = fastrand::Rng::with_seed(7);
+            let mut nones = 0;
+            for _ in 0..400 {
+                // 2024-10-04 to 2030-06-19.
+                let day = 20_000 + rng.i64(0..2_000);
+                let want = DatePattern::new(parse(expr).unwrap()).search(day);
+                nones += usize::from(want.is_none());
+                assert_eq!(shared.matching_day(day), want, "`{expr}` day {day}");
+                assert_eq!(shared.matching_day(day), want, "`{expr}` day {day}, again");
+            }
+            assert_eq!(nones > 0, expr.ends_with("2027"), "`{expr}`");
+        }
     }
 
     #[test]
