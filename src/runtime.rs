@@ -423,7 +423,12 @@ impl Slot {
     /// When to wake this trigger next: its planner's deadline, or a minute after its last
     /// wake, whichever comes first; `None` when it never fires again.
     fn wake_at(&self) -> Option<Instant> {
-        *lock(&self.t.next_fire) = self.planner.next_fire();
+        self.wake_at_for(self.planner.next_fire())
+    }
+
+    /// [`wake_at`](Self::wake_at), given the planner's next fire (a wake's plan has it).
+    fn wake_at_for(&self, next_fire: Option<SystemTime>) -> Option<Instant> {
+        *lock(&self.t.next_fire) = next_fire;
         let at = self.planner.deadline()?;
         // The planner's last reading is the trigger's last wake (or `start`).
         let last = self.planner.last_reading().mono;
@@ -476,8 +481,10 @@ async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: Instant) {
             }
             let i = e as u64 as usize;
             let slot = &mut slots[i];
-            wake(&inner, &slot.t, slot.planner.wake(now));
-            match slot.wake_at() {
+            let plan = slot.planner.wake(now);
+            let next_fire = plan.next_fire();
+            wake(&inner, &slot.t, plan);
+            match slot.wake_at_for(next_fire) {
                 Some(next) => *top = heap_entry(start, next, i),
                 None => {
                     PeekMut::pop(top);

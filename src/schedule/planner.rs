@@ -126,6 +126,9 @@ pub struct Planner {
     /// The oldest slot not yet handled, in the current wall-clock frame.
     due: Option<Nanos>,
     last: ClockReading,
+    /// `last.wall` in nanoseconds since the epoch, converted once per reading (a timer asks
+    /// for it twice per fire).
+    last_wall: Nanos,
 }
 
 impl Planner {
@@ -139,6 +142,7 @@ impl Planner {
             shift: 0,
             due,
             last: now,
+            last_wall: wall,
         }
     }
 
@@ -165,7 +169,7 @@ impl Planner {
     /// follow a changed clock promptly may wake earlier than this (say, at most a minute after
     /// the last reading): a wake with nothing due fires nothing and only re-plans.
     pub fn deadline(&self) -> Option<Instant> {
-        let left = self.due? - nanos::from_system(self.last.wall);
+        let left = self.due? - self.last_wall;
         let left = nanos::duration(left.max(0) as u128).unwrap_or(Duration::MAX);
         Some(crate::time::add_saturating(self.last.mono, left))
     }
@@ -186,7 +190,7 @@ impl Planner {
         let wall = nanos::from_system(now.wall);
         let elapsed = now.mono.saturating_duration_since(self.last.mono);
         // What the wall clock would read had it moved with monotonic time.
-        let expected = nanos::from_system(self.last.wall).saturating_add(nanos::of(elapsed));
+        let expected = self.last_wall.saturating_add(nanos::of(elapsed));
         let skew = wall - expected;
         let elapsed_secs = u32::try_from(elapsed.as_secs()).unwrap_or(u32::MAX);
         let tolerance = CLOCK_JUMP_TOLERANCE
@@ -201,6 +205,7 @@ impl Planner {
             }
         });
         self.last = now;
+        self.last_wall = wall;
 
         let compiled = self.schedule.compiled();
         // Slots are judged against the time that really passed: `expected` after a jump.
