@@ -273,6 +273,32 @@ mod tests {
         assert_ne!(other_zone.next_after(start), own.next_after(start));
     }
 
+    /// A date part that never fires is refused for every expression that has it (a refused
+    /// one is not remembered as checked); a valid one is checked once and shared.
+    #[test]
+    fn a_never_firing_date_part_is_refused_every_time() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        let mut cache = CronCache::default();
+        for expr in [
+            "0 0 0 30 2 *",
+            "5 5 5 30 2 *",
+            "0 0 0 29 2 * 2027",
+            "1 1 1 29 2 * 2027",
+        ] {
+            let e = Schedule::new_cached(&Trigger::cron(expr), start, &mut cache).unwrap_err();
+            assert!(
+                matches!(e, ScheduleError::NeverFires { .. }),
+                "`{expr}`: {e}"
+            );
+        }
+        assert!(cache.dates.is_empty());
+        for expr in ["0 0 0 29 2 *", "5 5 5 29 2 *"] {
+            let s = Schedule::new_cached(&Trigger::cron(expr), start, &mut cache).unwrap();
+            assert!(s.next_after(start).is_some(), "`{expr}`");
+        }
+        assert_eq!(cache.dates.len(), 1);
+    }
+
     /// Expressions that differ only in their time of day share one date-only pattern; other
     /// date fields get their own; each schedule answers what its own unshared parse does.
     #[test]

@@ -177,9 +177,15 @@ impl DayCache {
         Some(hms(h, first(self.minutes), first(self.seconds)))
     }
 
+    /// Whether a time field matches nothing (never for a pattern croner parsed; the guard for
+    /// one that would).
+    fn has_empty_mask(&self) -> bool {
+        self.seconds == 0 || self.minutes == 0 || self.hours == 0
+    }
+
     /// Records the civil day of a match croner returned (`at`, seconds since 1970 as if UTC).
     fn learn(&self, at: i64) {
-        if self.seconds != 0 && self.minutes != 0 && self.hours != 0 {
+        if !self.has_empty_mask() {
             self.day.store(at.div_euclid(DAY_SECS), Ordering::Relaxed);
         }
     }
@@ -228,17 +234,22 @@ impl CronSchedule {
                 })?
             }
         };
-        if never_fires(&cron, expr) {
+        let day = DayCache::new(&cron);
+        let key = date_key(expr);
+        let known = dates.get(&key).map(Arc::clone);
+        // Whether the expression fires at all depends on its date fields alone once each time
+        // field matches something: a date part already in `dates` passed this check (a
+        // failing one is never added), so only a new one is searched.
+        if (known.is_none() || day.has_empty_mask()) && never_fires(&cron, expr) {
             return Err(ScheduleError::NeverFires {
                 expr: expr.to_owned(),
             });
         }
-        let day = DayCache::new(&cron);
-        let date = match dates.get(&date_key(expr)) {
-            Some(date) => Arc::clone(date),
+        let date = match known {
+            Some(date) => date,
             None => {
                 let date = Arc::new(DatePattern::new(cron));
-                dates.insert(date_key(expr), Arc::clone(&date));
+                dates.insert(key, Arc::clone(&date));
                 date
             }
         };
