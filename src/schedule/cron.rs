@@ -304,30 +304,25 @@ impl CronSchedule {
             Some(t) => t,
             None => {
                 let today = at.div_euclid(DAY_SECS);
-                let day = self.matching_day(today)?;
-                let later_today = if day == today {
-                    self.day.next_on_day(at)
-                } else {
-                    None
-                };
-                let t = match later_today {
+                let day = self.date.matching_day(today)?;
+                // Later today if today matches and has a time left, else the next matching day's
+                // first time.
+                let t = match (day == today).then(|| self.day.next_on_day(at)).flatten() {
                     Some(t) => t,
-                    None if day == today => {
-                        let next = self.matching_day(today + 1)?;
-                        self.day.next_on_day(next * DAY_SECS)?
+                    None => {
+                        let day = if day == today {
+                            self.date.matching_day(today + 1)?
+                        } else {
+                            day
+                        };
+                        self.day.next_on_day(day * DAY_SECS)?
                     }
-                    None => self.day.next_on_day(day * DAY_SECS)?,
                 };
                 self.day.learn(t);
                 t
             }
         };
         DateTime::from_timestamp(t, 0).map(|d| d.naive_utc())
-    }
-
-    /// The first civil day at or after `day` that the date fields match.
-    fn matching_day(&self, day: i64) -> Option<i64> {
-        self.date.matching_day(day)
     }
 
     fn offset(&self, utc: NaiveDateTime) -> TimeDelta {
