@@ -40,16 +40,11 @@ pub(crate) enum Compiled {
 }
 
 /// Parsed cron expressions by (expression, time zone), so that the triggers of one runtime
-/// that share an expression share one schedule and one parse; and the date-only patterns
-/// (croner's, ~5.5 KB each) by the text of their date fields, so that expressions that differ
-/// only in their time of day (`0 15 3 * * *`, `30 0 4 * * *`) share one.
+/// that share an expression share one parse (croner's takes ~12 µs).
 #[derive(Debug, Default)]
 pub(crate) struct CronCache {
     #[cfg(feature = "cron")]
     parsed: HashMap<(String, Option<String>), CronSchedule>,
-    /// Date-only patterns, shared by expressions whose date fields are the same text.
-    #[cfg(feature = "cron")]
-    dates: super::cron::DatePatterns,
 }
 
 impl Schedule {
@@ -184,7 +179,7 @@ impl Compiled {
                 if let Some(cron) = cache.parsed.get(&key) {
                     return Ok(Compiled::Cron(cron.clone()));
                 }
-                let cron = CronSchedule::new_shared(expr, t.zone.as_deref(), &mut cache.dates)?;
+                let cron = CronSchedule::new(expr, t.zone.as_deref())?;
                 cache.parsed.insert(key, cron.clone());
                 Ok(Compiled::Cron(cron))
             }
@@ -231,15 +226,13 @@ impl Compiled {
 
 #[cfg(all(test, feature = "cron"))]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
-    /// Triggers with one expression and zone share one parse and one date pattern (another zone
-    /// too: the pattern is zone-free); each still answers exactly what a schedule of its own
-    /// answers, fire by fire, while the others ask about other days in between.
+    /// Triggers with one expression and zone share one parse; each still answers exactly what
+    /// a schedule of its own answers, fire by fire, while the others ask about other days in
+    /// between.
     #[test]
-    fn triggers_on_one_expression_share_one_pattern_and_agree_with_their_own() {
+    fn triggers_on_one_expression_share_one_parse_and_agree_with_their_own() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
         let expr = "0 */7 9-17 * * MON-FRI";
         let mut cache = CronCache::default();
@@ -248,13 +241,6 @@ mod tests {
             .collect();
         let berlin = Trigger::cron(expr).time_zone("Europe/Berlin");
         let other_zone = Schedule::new_cached(&berlin, start, &mut cache).unwrap();
-        let pattern = |s: &Schedule| match s.compiled() {
-            Compiled::Cron(c) => c.date_pattern(),
-            Compiled::Every(_) => unreachable!("a cron trigger"),
-        };
-        assert!(Arc::ptr_eq(&pattern(&shared[0]), &pattern(&shared[1])));
-        assert!(Arc::ptr_eq(&pattern(&shared[0]), &pattern(&shared[2])));
-        assert!(Arc::ptr_eq(&pattern(&shared[0]), &pattern(&other_zone)));
         assert_eq!(cache.parsed.len(), 2);
 
         let own = Schedule::new(&Trigger::cron(expr), start).unwrap();
@@ -273,70 +259,24 @@ mod tests {
         assert_ne!(other_zone.next_after(start), own.next_after(start));
     }
 
-    /// A date part that never fires is refused for every expression that has it (a refused
-    /// one is not remembered as checked); a valid one is checked once and shared.
+    /// An expression that never fires is refused every time it is given (a refused one is
+    /// not cached as parsed).
     #[test]
-    fn a_never_firing_date_part_is_refused_every_time() {
+    fn a_never_firing_expression_is_refused_every_time() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
         let mut cache = CronCache::default();
-        for expr in [
-            "0 0 0 30 2 *",
-            "5 5 5 30 2 *",
-            "0 0 0 29 2 * 2027",
-            "1 1 1 29 2 * 2027",
-        ] {
+        for expr in ["0 0 0 30 2 *", "0 0 0 30 2 *", "0 0 0 29 2 * 2027"] {
             let e = Schedule::new_cached(&Trigger::cron(expr), start, &mut cache).unwrap_err();
             assert!(
                 matches!(e, ScheduleError::NeverFires { .. }),
                 "`{expr}`: {e}"
             );
         }
-        assert!(cache.dates.is_empty());
+        assert!(cache.parsed.is_empty());
         for expr in ["0 0 0 29 2 *", "5 5 5 29 2 *"] {
             let s = Schedule::new_cached(&Trigger::cron(expr), start, &mut cache).unwrap();
             assert!(s.next_after(start).is_some(), "`{expr}`");
         }
-        assert_eq!(cache.dates.len(), 1);
-    }
-
-    /// Expressions that differ only in their time of day share one date-only pattern; other
-    /// date fields get their own; each schedule answers what its own unshared parse does.
-    #[test]
-    fn times_of_day_share_one_date_pattern_and_agree_with_their_own() {
-        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
-        let exprs = [
-            "0 15 3 * * *",
-            "30 0 4 * * *",
-            "*/10 * 9-17 * * *",
-            "0 0 12 L * *",
-            "0 30 9 L * *",
-            "5 5 5 * * 5#3",
-            "@daily",
-        ];
-        let mut cache = CronCache::default();
-        let shared: Vec<Schedule> = exprs
-            .iter()
-            .map(|e| Schedule::new_cached(&Trigger::cron(*e), start, &mut cache).unwrap())
-            .collect();
-        // `* * *`, `L * *`, `* * 5#3` and `@daily`.
-        assert_eq!(cache.dates.len(), 4);
-        let date = |i: usize| match shared[i].compiled() {
-            Compiled::Cron(c) => c.date_pattern(),
-            Compiled::Every(_) => unreachable!("a cron trigger"),
-        };
-        assert!(Arc::ptr_eq(&date(0), &date(1)));
-        assert!(Arc::ptr_eq(&date(0), &date(2)));
-        assert!(Arc::ptr_eq(&date(3), &date(4)));
-        assert!(!Arc::ptr_eq(&date(0), &date(3)));
-        assert!(!Arc::ptr_eq(&date(0), &date(5)));
-        for (expr, s) in exprs.iter().zip(&shared) {
-            let own = Schedule::new(&Trigger::cron(*expr), start).unwrap();
-            let (mut a, mut b) = (start, start);
-            for _ in 0..400 {
-                a = s.next_after(a).unwrap();
-                b = own.next_after(b).unwrap();
-                assert_eq!(a, b, "`{expr}`");
-            }
-        }
+        assert_eq!(cache.parsed.len(), 2);
     }
 }

@@ -1,9 +1,11 @@
-//! Cron schedules: croner matches local (civil) times, this file maps them to instants.
+//! Cron schedules: croner parses, this file matches local (civil) times and maps them to
+//! instants.
 //!
-//! croner is only asked about a time zone-free civil timeline (`NaiveDateTime`), where there
-//! is no daylight saving. Mapping a matching civil time to the instant it fires, and an
-//! instant back to the civil time the search starts from, is done here, so our two DST rules
-//! hold whatever the parser's own DST handling does:
+//! A schedule copies croner's parsed fields into bitmasks ([`DateRule`] for the date,
+//! [`DayCache`] for the time of day) and matches a time zone-free civil timeline with croner's
+//! rules, where there is no daylight saving. Mapping a matching civil time to the instant it
+//! fires, and an instant back to the civil time the search starts from, is done here too, so
+//! our two DST rules hold whatever the parser's own DST handling does:
 //!
 //! - `fire(t)` for a civil time `t` is the first instant at which the zone's wall clock shows
 //!   `t` or later. A `t` inside a spring-forward gap maps to the end of the gap; a `t` shown
@@ -13,15 +15,17 @@
 //!   is the civil time at `a`, except during the second pass of a repeated hour, where it is
 //!   the end of the first pass.
 
-use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
-use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone};
+use chrono::{
+    DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone,
+};
 use chrono_tz::{GapInfo, Tz};
-use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
+use croner::time::days_in_month;
+use croner::{Cron, CronComponent, YEAR_LOWER_LIMIT, YEAR_UPPER_LIMIT};
 
 use super::error::ScheduleError;
 use super::nanos::{NANOS_PER_SEC, Nanos, floor_secs};
@@ -29,103 +33,270 @@ use super::nanos::{NANOS_PER_SEC, Nanos, floor_secs};
 /// A validated cron schedule in a time zone.
 ///
 /// It keeps the expression's time of day as three bitmasks ([`DayCache`]) and its date part
-/// as croner's pattern with the time fields fixed to 00:00:00 (`date`): croner's pattern is
-/// ~5.5 KB (5,001 B of it the year field), and schedules whose date fields are written the
-/// same way (`* * *` in most expressions) share one through [`DatePatterns`], whatever their
-/// times of day.
+/// as a [`DateRule`]: 64 bytes in all, and no croner value (croner's pattern is ~5.5 KB, 5,001 B
+/// of it the year field).
 #[derive(Debug, Clone)]
 pub(crate) struct CronSchedule {
-    /// Matches the midnight (civil) of each day the expression fires on.
-    date: Arc<DatePattern>,
+    date: DateRule,
     zone: Tz,
     day: DayCache,
 }
 
-/// Date-only patterns by the text of their date fields (see [`date_key`]), shared by the
-/// schedules built with one map.
-pub(crate) type DatePatterns = HashMap<String, Arc<DatePattern>>;
-
-/// croner's pattern for an expression's date fields, and the last answer of its day search,
-/// shared by every schedule that uses the pattern: thousands of triggers registered together,
-/// or due on the same day, ask it about the same day, and all but the first get the answer
-/// without a search.
-#[derive(Debug)]
-pub(crate) struct DatePattern {
-    /// Matches the midnight (civil) of each day the date fields match.
-    cron: Cron,
-    /// The last [`DatePattern::matching_day`] question and answer for an even and for an odd
-    /// day (a trigger asks about today, then often tomorrow), each as two `i32` day numbers in
-    /// one word (question high, answer low; [`NO_DAY`] for "none"); [`NOT_ASKED`] before the
-    /// first. The answer depends on the question alone, so any thread may reuse it.
-    last: [AtomicU64; 2],
+/// An expression's date fields (day of month, month, day of week, year) as croner parsed
+/// them, in 32 bytes, and croner's rule for whether a civil day matches them.
+///
+/// croner's own pattern keeps each field as a byte per value, ~5.5 KB per expression (5,001 B
+/// of it the year field); a schedule copies the bits that decide a day here once, at
+/// validation, and keeps no croner value. [`DateRule::matches`] is croner's `day_match`
+/// (`L`, `LW`, `nW`, `n#k`, `nL`, the Vixie either-field rule, `+` for both), restated on these
+/// bits; `the_date_rule_agrees_with_croner` and the brute-force oracle in `tests/schedule.rs`
+/// check it against croner.
+#[derive(Debug, Clone)]
+struct DateRule {
+    /// Days of the month in the field (bit d: day d).
+    days: u32,
+    /// The `nW` days (bit d: `dW`).
+    days_w: u32,
+    /// Months in the field (bit m: month m, 1-12).
+    months: u16,
+    /// Per weekday (0 = Sunday), croner's bits: `ALL_BIT`, `NTH_1ST_BIT`…`NTH_5TH_BIT`,
+    /// `LAST_BIT`.
+    weekdays: [u8; 7],
+    /// [`RULE_L`], [`RULE_W`], [`STAR_DOM`], [`STAR_DOW`], [`DOM_AND_DOW`].
+    flags: u8,
+    /// The first and last year the expression fires in (1 and 4999 without a year field).
+    first_year: u16,
+    last_year: u16,
+    /// The years from `first_year` to `last_year`, as bits from year 0, when a list or a step
+    /// leaves gaps between them.
+    year_bits: Option<Arc<Vec<u64>>>,
 }
 
-/// `DatePattern::last` before the first question.
-const NOT_ASKED: u64 = u64::MAX;
-/// The answer "no matching day" (past croner's last year).
-const NO_DAY: i32 = i32::MIN;
+// croner's bits per field value (`croner::component`, not exported; the tests against croner
+// would fail if a croner release changed them).
+const ALL_BIT: u8 = 1;
+const NTH_1ST_BIT: u8 = 1 << 1;
+const NTH_2ND_BIT: u8 = 1 << 2;
+const NTH_3RD_BIT: u8 = 1 << 3;
+const NTH_4TH_BIT: u8 = 1 << 4;
+const NTH_5TH_BIT: u8 = 1 << 5;
+const LAST_BIT: u8 = 1 << 6;
+const CLOSEST_WEEKDAY_BIT: u8 = 1 << 7;
 
-impl DatePattern {
-    fn new(cron: Cron) -> Self {
+/// `DateRule::flags`: the day-of-month field has `L` (croner's component-wide `LAST_BIT`).
+const RULE_L: u8 = 1;
+/// `DateRule::flags`: the day-of-month field has `W` (component-wide `CLOSEST_WEEKDAY_BIT`).
+const RULE_W: u8 = 2;
+/// `DateRule::flags`: the day-of-month field is `*`.
+const STAR_DOM: u8 = 4;
+/// `DateRule::flags`: the day-of-week field is `*`.
+const STAR_DOW: u8 = 8;
+/// `DateRule::flags`: both day fields must match (`+` before the day-of-week field).
+const DOM_AND_DOW: u8 = 16;
+
+/// The last year a search looks at: croner searches up to its year limit, 5000, but cannot
+/// step to a later day or time within it.
+const LAST_YEAR: i32 = YEAR_UPPER_LIMIT - 1;
+
+/// The years up to [`LAST_YEAR`] whose bit is set in croner's year field, as
+/// `(first, last, bits)`: `bits` only when the years from `first` to `last` have gaps (a list
+/// or a step), as bits from year 0 (bit y: year y). An empty field gives `first > last`.
+fn year_set(years: &CronComponent) -> (u16, u16, Option<Arc<Vec<u64>>>) {
+    let set: Vec<u16> = years
+        .get_set_values(ALL_BIT)
+        .into_iter()
+        .filter(|&y| i32::from(y) <= LAST_YEAR)
+        .collect();
+    let (Some(&first), Some(&last)) = (set.first(), set.last()) else {
+        return (1, 0, None);
+    };
+    if usize::from(last - first) + 1 == set.len() {
+        return (first, last, None);
+    }
+    let mut bits = vec![0u64; usize::from(last) / 64 + 1];
+    for y in set {
+        bits[usize::from(y) / 64] |= 1 << (y % 64);
+    }
+    (first, last, Some(Arc::new(bits)))
+}
+
+/// Days from 0001-01-01 (chrono's day 1) to 1970-01-01.
+const UNIX_EPOCH_CE: i64 = 719_163;
+
+impl DateRule {
+    /// The date fields of `cron`; `every_year` when the expression has no year field or `*`.
+    fn new(cron: &Cron, every_year: bool) -> Self {
+        let p = &cron.pattern;
+        let bits = |c: &CronComponent, range: std::ops::RangeInclusive<u16>, bit: u8| {
+            range
+                .filter(|&v| c.is_bit_set(v, bit).unwrap_or(false))
+                .fold(0u32, |m, v| m | 1 << v)
+        };
+        let weekdays = std::array::from_fn(|w| {
+            [
+                ALL_BIT,
+                NTH_1ST_BIT,
+                NTH_2ND_BIT,
+                NTH_3RD_BIT,
+                NTH_4TH_BIT,
+                NTH_5TH_BIT,
+                LAST_BIT,
+            ]
+            .into_iter()
+            .filter(|&bit| p.days_of_week.is_bit_set(w as u16, bit).unwrap_or(false))
+            .fold(0u8, |m, bit| m | bit)
+        });
+        let flag = |on: bool, f: u8| if on { f } else { 0 };
+        let (first_year, last_year, year_bits) = if every_year {
+            (YEAR_LOWER_LIMIT as u16, LAST_YEAR as u16, None)
+        } else {
+            year_set(&p.years)
+        };
         Self {
-            cron: date_only(cron),
-            last: [AtomicU64::new(NOT_ASKED), AtomicU64::new(NOT_ASKED)],
+            days: bits(&p.days, 1..=31, ALL_BIT),
+            days_w: bits(&p.days, 1..=31, CLOSEST_WEEKDAY_BIT),
+            months: bits(&p.months, 1..=12, ALL_BIT) as u16,
+            weekdays,
+            flags: flag(p.days.is_feature_enabled(LAST_BIT), RULE_L)
+                | flag(p.days.is_feature_enabled(CLOSEST_WEEKDAY_BIT), RULE_W)
+                | flag(p.is_dom_wildcard(), STAR_DOM)
+                | flag(p.is_dow_wildcard(), STAR_DOW)
+                | flag(p.matches_dom_and_dow(), DOM_AND_DOW),
+            first_year,
+            last_year,
+            year_bits,
         }
+    }
+
+    /// The first year at or after `year` that the expression fires in.
+    fn next_year(&self, year: i32) -> Option<i32> {
+        let mut y = year.max(i32::from(self.first_year));
+        if y > i32::from(self.last_year) {
+            return None;
+        }
+        let Some(bits) = &self.year_bits else {
+            return Some(y);
+        };
+        while let Some(word) = bits.get(y as usize / 64) {
+            if let Some(b) = next_bit(*word, y as u32 % 64) {
+                return Some(y / 64 * 64 + b as i32);
+            }
+            y = (y / 64 + 1) * 64;
+        }
+        None
     }
 
     /// The first civil day (days since 1970-01-01) at or after `day` that the date fields
-    /// match, from croner's search (or the last answer, when the question is the same);
-    /// `None` past croner's last year.
+    /// match; `None` past the year 4999 (croner's limit).
     fn matching_day(&self, day: i64) -> Option<i64> {
-        let Ok(asked) = i32::try_from(day) else {
-            return self.search(day);
-        };
-        let slot = &self.last[(asked & 1) as usize];
-        let last = slot.load(Ordering::Relaxed);
-        if last != NOT_ASKED && (last >> 32) as u32 as i32 == asked {
-            let answer = last as u32 as i32;
-            return (answer != NO_DAY).then_some(i64::from(answer));
+        let ce = i32::try_from(day.checked_add(UNIX_EPOCH_CE)?).ok()?;
+        let mut date = NaiveDate::from_num_days_from_ce_opt(ce)?;
+        loop {
+            let year = date.year();
+            let wanted = self.next_year(year)?;
+            if wanted != year {
+                date = NaiveDate::from_ymd_opt(wanted, 1, 1)?;
+                continue;
+            }
+            let month = date.month();
+            if self.months >> month & 1 == 0 {
+                date = match month {
+                    12 => NaiveDate::from_ymd_opt(year + 1, 1, 1)?,
+                    _ => NaiveDate::from_ymd_opt(year, month + 1, 1)?,
+                };
+                continue;
+            }
+            let weekday = date.weekday().num_days_from_sunday();
+            if self.matches(days_in_month(year, month), date.day(), weekday) {
+                return Some(i64::from(date.num_days_from_ce()) - UNIX_EPOCH_CE);
+            }
+            date = date.succ_opt()?;
         }
-        let found = self.search(day);
-        let answer = match found.map(i32::try_from) {
-            Some(Ok(a)) if a != NO_DAY => a,
-            Some(_) => return found,
-            None => NO_DAY,
-        };
-        slot.store(
-            u64::from(asked as u32) << 32 | u64::from(answer as u32),
-            Ordering::Relaxed,
-        );
-        found
     }
 
-    fn search(&self, day: i64) -> Option<i64> {
-        let before = DateTime::from_timestamp(day.checked_mul(DAY_SECS)? - 1, 0)?.naive_utc();
-        let midnight = self.cron.find_next_occurrence(&before, false).ok()?;
-        Some(midnight.and_utc().timestamp().div_euclid(DAY_SECS))
+    /// croner's `day_match` for the day `day` (weekday `weekday`, 0 = Sunday) of a month of
+    /// `month_len` days whose year and month match.
+    fn matches(&self, month_len: u32, day: u32, weekday: u32) -> bool {
+        let flags = self.flags;
+        let mut dom = self.days >> day & 1 == 1;
+        if !dom && flags & RULE_L != 0 {
+            dom = if flags & RULE_W != 0 {
+                // `LW`: the last weekday (Monday to Friday) of the month.
+                let last_weekday = (weekday + month_len - day) % 7;
+                day == match last_weekday {
+                    6 => month_len - 1,
+                    0 => month_len - 2,
+                    _ => month_len,
+                }
+            } else {
+                day == month_len
+            };
+        }
+        if !dom && self.days_w != 0 {
+            dom = self.closest_weekday(month_len, day, weekday);
+        }
+        let bits = self.weekdays[weekday as usize];
+        let nth = match (day - 1) / 7 {
+            n @ 0..=4 => NTH_1ST_BIT << n,
+            _ => 0,
+        };
+        let dow = bits & (nth | ALL_BIT) != 0 || (bits & LAST_BIT != 0 && day + 7 > month_len);
+        let (star_dom, star_dow) = (flags & STAR_DOM != 0, flags & STAR_DOW != 0);
+        if (dom && star_dow) || (dow && star_dom) {
+            true
+        } else if !star_dom && !star_dow {
+            if flags & DOM_AND_DOW == 0 {
+                dom || dow
+            } else {
+                dom && dow
+            }
+        } else {
+            false
+        }
+    }
+
+    /// Whether an `nW` day of the field resolves to `day`: the weekday nearest to it within
+    /// its month (a Saturday moves to Friday, or Monday on the 1st; a Sunday to Monday, or
+    /// Friday on the month's last day).
+    fn closest_weekday(&self, month_len: u32, day: u32, weekday: u32) -> bool {
+        let first = day.saturating_sub(2).max(1);
+        let last = (day + 2).min(month_len);
+        (first..=last).any(|w| {
+            if self.days_w >> w & 1 == 0 {
+                return false;
+            }
+            let target = match (weekday + 7 + w - day) % 7 {
+                6 if w > 1 => w - 1,
+                6 => w + 2,
+                0 if w < month_len => w + 1,
+                0 => w - 2,
+                _ => w,
+            };
+            target == day
+        })
     }
 }
 
 const DAY_SECS: i64 = 86_400;
 
-/// A shortcut past croner's search for the fires of a day known to match.
+/// An expression's time of day, and the day of its last match.
 ///
 /// croner matches a civil time when its year, month, day (day of month and day of week, with
 /// `L`, `W`, `#`) and its hour, minute and second each match, and the date's part depends on
-/// the date alone. So once croner has returned a match on some civil day, every (hour, minute,
-/// second) of that day whose three fields match is a match too, and the next one after a
-/// time of that day is found in three bitmasks. A timer asks for the next fire once per fire,
-/// and a schedule that fires several times a day asks about the day of its last fire: a
-/// bit scan (nanoseconds) instead of croner's search (hundreds of nanoseconds).
+/// the date alone. So the fires of a matching day are the (hour, minute, second) whose three
+/// fields match, and the next one after a time of that day is found in three bitmasks. A timer
+/// asks for the next fire once per fire, and a schedule that fires several times a day asks
+/// about the day of its last fire: a bit scan (nanoseconds), with no day search.
 #[derive(Debug)]
 struct DayCache {
     /// Seconds, minutes and hours that match, as bits (bit n: the value n).
     seconds: u64,
     minutes: u64,
-    hours: u64,
-    /// The civil day (days since 1970-01-01) of croner's last answer; `i64::MIN` before the
-    /// first, and for good when a mask is empty (never for a schedule that parsed).
-    day: AtomicI64,
+    hours: u32,
+    /// The civil day (days since 1970-01-01) of the last match found with the [`DateRule`];
+    /// `i32::MIN` before the first, and for good when a mask is empty (never for a schedule
+    /// that parsed).
+    day: AtomicI32,
 }
 
 impl DayCache {
@@ -137,15 +308,15 @@ impl DayCache {
         Self {
             seconds: mask(60, &|v| p.second_match(v).unwrap_or(false)),
             minutes: mask(60, &|v| p.minute_match(v).unwrap_or(false)),
-            hours: mask(24, &|v| p.hour_match(v).unwrap_or(false)),
-            day: AtomicI64::new(i64::MIN),
+            hours: mask(24, &|v| p.hour_match(v).unwrap_or(false)) as u32,
+            day: AtomicI32::new(i32::MIN),
         }
     }
 
     /// The first match at or after the civil time `at` (seconds since 1970, as if UTC), if it
-    /// is on the day croner last answered about.
+    /// is on the day of the last match.
     fn next_from(&self, at: i64) -> Option<i64> {
-        if at.div_euclid(DAY_SECS) != self.day.load(Ordering::Relaxed) {
+        if at.div_euclid(DAY_SECS) != i64::from(self.day.load(Ordering::Relaxed)) {
             return None;
         }
         self.next_on_day(at)
@@ -173,7 +344,7 @@ impl DayCache {
                 return Some(hms(h, i64::from(m), first(self.seconds)));
             }
         }
-        let h = next_bit(self.hours, h + 1)?;
+        let h = next_bit(u64::from(self.hours), h + 1)?;
         Some(hms(h, first(self.minutes), first(self.seconds)))
     }
 
@@ -183,10 +354,11 @@ impl DayCache {
         self.seconds == 0 || self.minutes == 0 || self.hours == 0
     }
 
-    /// Records the civil day of a match croner returned (`at`, seconds since 1970 as if UTC).
+    /// Records the civil day of a match (`at`, seconds since 1970 as if UTC).
     fn learn(&self, at: i64) {
         if !self.has_empty_mask() {
-            self.day.store(at.div_euclid(DAY_SECS), Ordering::Relaxed);
+            let day = i32::try_from(at.div_euclid(DAY_SECS)).unwrap_or(i32::MIN);
+            self.day.store(day, Ordering::Relaxed);
         }
     }
 }
@@ -194,7 +366,7 @@ impl DayCache {
 impl Clone for DayCache {
     fn clone(&self) -> Self {
         Self {
-            day: AtomicI64::new(self.day.load(Ordering::Relaxed)),
+            day: AtomicI32::new(self.day.load(Ordering::Relaxed)),
             ..*self
         }
     }
@@ -211,18 +383,7 @@ const SECOND: TimeDelta = TimeDelta::seconds(1);
 impl CronSchedule {
     /// Parses `expr` (6 or 7 fields) and `zone` (IANA name, UTC when `None`), and checks that
     /// the expression fires at all.
-    #[cfg(test)]
     pub(crate) fn new(expr: &str, zone: Option<&str>) -> Result<Self, ScheduleError> {
-        Self::new_shared(expr, zone, &mut DatePatterns::new())
-    }
-
-    /// [`CronSchedule::new`], sharing the date-only pattern with the schedules in `dates`
-    /// whose date fields are written the same way (and adding it when there is none).
-    pub(crate) fn new_shared(
-        expr: &str,
-        zone: Option<&str>,
-        dates: &mut DatePatterns,
-    ) -> Result<Self, ScheduleError> {
         let cron = parse(expr)?;
         let zone = match zone {
             None => Tz::UTC,
@@ -234,32 +395,16 @@ impl CronSchedule {
                 })?
             }
         };
+        let fields: Vec<&str> = expr.split_whitespace().collect();
+        let year_bound = fields.len() == 7 && fields[6] != "*";
+        let date = DateRule::new(&cron, !year_bound);
         let day = DayCache::new(&cron);
-        let key = date_key(expr);
-        let known = dates.get(&key).map(Arc::clone);
-        // Whether the expression fires at all depends on its date fields alone once each time
-        // field matches something: a date part already in `dates` passed this check (a
-        // failing one is never added), so only a new one is searched.
-        if (known.is_none() || day.has_empty_mask()) && never_fires(&cron, expr) {
+        if day.has_empty_mask() || never_matches(&date, year_bound) {
             return Err(ScheduleError::NeverFires {
                 expr: expr.to_owned(),
             });
         }
-        let date = match known {
-            Some(date) => date,
-            None => {
-                let date = Arc::new(DatePattern::new(cron));
-                dates.insert(key, Arc::clone(&date));
-                date
-            }
-        };
         Ok(Self { date, zone, day })
-    }
-
-    /// The shared date-only pattern (for tests of the sharing).
-    #[cfg(test)]
-    pub(crate) fn date_pattern(&self) -> Arc<DatePattern> {
-        Arc::clone(&self.date)
     }
 
     /// The first fire strictly after `after`, or `None` when there is none (a year field that
@@ -297,7 +442,7 @@ impl CronSchedule {
 
     /// The first match strictly after the civil time `from` (whole seconds): from the
     /// [`DayCache`] alone when `from` is on the day of its last answer, else the first
-    /// matching day from the date-only pattern and the first matching time on it.
+    /// matching day from the [`DateRule`] and the first matching time on it.
     fn next_civil(&self, from: NaiveDateTime) -> Option<NaiveDateTime> {
         let at = from.and_utc().timestamp().checked_add(1)?;
         let t = match self.day.next_from(at) {
@@ -372,29 +517,6 @@ impl CronSchedule {
     }
 }
 
-/// croner's pattern for `cron` with the time fields fixed to 00:00:00: it matches the midnight
-/// of each civil day `cron` matches on. croner matches the date and the time of day
-/// independently (the day fields, with `L`, `W` and `#`, depend on the date alone).
-fn date_only(mut cron: Cron) -> Cron {
-    static MIDNIGHT: LazyLock<Cron> =
-        LazyLock::new(|| parse("0 0 0 * * *").expect("a valid expression"));
-    cron.pattern.seconds = MIDNIGHT.pattern.seconds.clone();
-    cron.pattern.minutes = MIDNIGHT.pattern.minutes.clone();
-    cron.pattern.hours = MIDNIGHT.pattern.hours.clone();
-    cron
-}
-
-/// The text of an expression's date fields (day of month, month, day of week, year), the key
-/// under which its date-only pattern is shared. A nickname (`@daily`) is its own key.
-fn date_key(expr: &str) -> String {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    if fields.len() >= 6 {
-        fields[3..].join(" ")
-    } else {
-        expr.trim().to_owned()
-    }
-}
-
 /// Parses with seconds required and an optional year.
 fn parse(expr: &str) -> Result<Cron, ScheduleError> {
     let invalid = |problem: String| ScheduleError::InvalidCron {
@@ -446,18 +568,16 @@ const FIELDS: [(&str, &str); 7] = [
     ("year", "1-5000"),
 ];
 
-/// Whether no date ever matches. Without a year field the calendar repeats every 400 years
-/// (146,097 days, a whole number of weeks), so one 400-year window decides; croner searches up
-/// to the year 5000, so the window starts in 4600 and a pattern that never matches costs a
-/// few milliseconds, once, here. With a year field, the search runs from 1970.
-fn never_fires(cron: &Cron, expr: &str) -> bool {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    let year_bound = fields.len() == 7 && !matches!(fields[6], "*" | "?");
-    let from_year = if year_bound { 1970 } else { 4600 };
-    let from = NaiveDate::from_ymd_opt(from_year, 1, 1)
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .expect("a valid date");
-    cron.find_next_occurrence(&from, true).is_err()
+/// Whether no day ever matches (30 February). Without a year field the calendar repeats every
+/// 400 years (146,097 days, a whole number of weeks), so one 400-year window decides; a search
+/// ends with the year 4999, so the window starts in 4600, and a rule that never matches costs
+/// a few hundred microseconds, once, at validation. With a year field, the search runs from
+/// 1970.
+fn never_matches(date: &DateRule, year_bound: bool) -> bool {
+    let from =
+        NaiveDate::from_ymd_opt(if year_bound { 1970 } else { 4600 }, 1, 1).expect("a valid date");
+    let day = i64::from(from.num_days_from_ce()) - UNIX_EPOCH_CE;
+    date.matching_day(day).is_none()
 }
 
 /// A zone name the user probably meant: the same name in other case, or a zone whose city is
@@ -560,16 +680,20 @@ mod tests {
 
     #[test]
     fn never_fires_is_exact_for_rare_but_real_dates() {
-        let p = |e: &str| parse(e).unwrap();
-        assert!(never_fires(&p("0 0 0 30 2 *"), "0 0 0 30 2 *"));
-        assert!(never_fires(
-            &p("0 0 0 31 4,6,9,11 *"),
-            "0 0 0 31 4,6,9,11 *"
-        ));
+        let never = |e: &str| match CronSchedule::new(e, None) {
+            Err(ScheduleError::NeverFires { expr }) => expr == e,
+            Err(other) => panic!("`{e}`: {other}"),
+            Ok(_) => false,
+        };
+        assert!(never("0 0 0 30 2 *"));
+        assert!(never("0 0 0 31 4,6,9,11 *"));
         // 29 February on a Monday: every 5 to 11 years.
-        assert!(!never_fires(&p("0 0 0 29 2 +MON"), "0 0 0 29 2 +MON"));
-        assert!(!never_fires(&p("0 0 0 29 2 * 2028"), "0 0 0 29 2 * 2028"));
-        assert!(never_fires(&p("0 0 0 29 2 * 2027"), "0 0 0 29 2 * 2027"));
+        assert!(!never("0 0 0 29 2 +MON"));
+        assert!(!never("0 0 0 29 2 * 2028"));
+        assert!(never("0 0 0 29 2 * 2027"));
+        // The fifth Friday of February: only in a leap year starting on a Friday or Thursday.
+        assert!(!never("0 0 0 ? 2 5#5"));
+        assert!(never("0 0 0 ? 2 5#5 2026-2031"));
     }
 
     /// The day cache answers exactly as croner does, fire after fire, across days, months,
@@ -612,7 +736,7 @@ mod tests {
                 }
                 if ours != civil(start) {
                     let day = s.day.day.load(Ordering::Relaxed);
-                    assert_ne!(day, i64::MIN, "`{expr}`: the cache was used");
+                    assert_ne!(day, i32::MIN, "`{expr}`: the cache was used");
                 }
             }
         }
@@ -627,30 +751,85 @@ mod tests {
         assert_eq!(empty.next_from(1), None);
     }
 
-    /// The remembered last answer is what a search answers, for questions in any order and
-    /// repeated, "no day" (past a year field's end) included.
+    /// The date rule matches the days croner's own search finds, for date fields with every
+    /// modifier croner has, from random days over ten years (leap years, months of every
+    /// length, a year field that runs out).
     #[test]
-    fn a_date_patterns_remembered_answer_is_the_search_answer() {
-        for expr in [
-            "0 0 0 29 2 *",
-            "0 0 0 L * *",
-            "0 0 1 * * * 2026-2027",
-            "5 5 5 * * 5#3",
-            "0 0 0 * * *",
-        ] {
-            let shared = DatePattern::new(parse(expr).unwrap());
-            let mut rng = fastrand::Rng::with_seed(7);
-            let mut nones = 0;
-            for _ in 0..400 {
-                // 2024-10-04 to 2030-06-19.
-                let day = 20_000 + rng.i64(0..2_000);
-                let want = DatePattern::new(parse(expr).unwrap()).search(day);
-                nones += usize::from(want.is_none());
-                assert_eq!(shared.matching_day(day), want, "`{expr}` day {day}");
-                assert_eq!(shared.matching_day(day), want, "`{expr}` day {day}, again");
+    fn the_date_rule_agrees_with_croner() {
+        let doms = [
+            "*", "?", "L", "LW", "15W", "1W", "31W", "30W", "1,15", "L,15", "5-10", "*/3", "31",
+            "29", "2W,L",
+        ];
+        let months = ["*", "2", "1-3", "*/4", "2,11", "12"];
+        let dows = [
+            "*",
+            "?",
+            "MON-FRI",
+            "5#3",
+            "1L",
+            "0",
+            "SUN#1,WED#5",
+            "6L",
+            "+MON",
+            "+1-5",
+            "7",
+        ];
+        let years = ["", " *", " 2026-2027", " 2030", " 2026,2029,2031", " */3"];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut checked = 0;
+        for _ in 0..400 {
+            let expr = format!(
+                "0 0 0 {} {} {}{}",
+                doms[rng.usize(..doms.len())],
+                months[rng.usize(..months.len())],
+                dows[rng.usize(..dows.len())],
+                years[rng.usize(..years.len())],
+            );
+            let Ok(s) = CronSchedule::new(&expr, None) else {
+                continue;
+            };
+            let cron = parse(&expr).unwrap();
+            for _ in 0..60 {
+                // 2024-10-04 to 2034-08-11.
+                let day = 20_000 + rng.i64(0..3_600);
+                let before = civil("1970-01-01 00:00:00") + TimeDelta::days(day) - SECOND;
+                let want = cron
+                    .find_next_occurrence(&before, false)
+                    .ok()
+                    .map(|t| t.and_utc().timestamp().div_euclid(DAY_SECS));
+                assert_eq!(s.date.matching_day(day), want, "`{expr}` from day {day}");
+                checked += 1;
             }
-            assert_eq!(nones > 0, expr.ends_with("2027"), "`{expr}`");
         }
+        assert!(checked > 10_000, "{checked} days checked");
+    }
+
+    /// A schedule is 64 bytes with its zone and time masks; years are kept as a range, with
+    /// bits only for a list or step, and a search skips the years between.
+    #[test]
+    fn a_schedule_is_small_and_keeps_years_compactly() {
+        assert!(std::mem::size_of::<CronSchedule>() <= 64);
+        let rule = |e: &str| CronSchedule::new(e, None).unwrap().date;
+        let years = |r: &DateRule| (r.first_year, r.last_year, r.year_bits.is_some());
+        assert_eq!(years(&rule("0 0 0 * * *")), (1, 4999, false));
+        assert_eq!(years(&rule("0 0 0 * * * *")), (1, 4999, false));
+        assert_eq!(years(&rule("0 0 0 * * * 2026-2030")), (2026, 2030, false));
+        let list = rule("0 0 0 * * * 2026,2041,2170");
+        assert_eq!(years(&list), (2026, 2170, true));
+        let next: Vec<Option<i32>> = [1, 2026, 2027, 2042, 2170, 2171]
+            .map(|y| list.next_year(y))
+            .to_vec();
+        assert_eq!(
+            next,
+            [
+                Some(2026),
+                Some(2026),
+                Some(2041),
+                Some(2170),
+                Some(2170),
+                None
+            ]
+        );
     }
 
     #[test]
