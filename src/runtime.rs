@@ -397,16 +397,14 @@ impl Runtime {
             });
         }
         for shard in slots.into_iter().filter(|s| !s.is_empty()) {
-            inner
-                .timers
-                .spawn(timers(Arc::clone(&inner), shard, now.mono));
+            inner.timers.spawn(timers(Arc::clone(&inner), shard, now));
         }
         RuntimeHandle { inner }
     }
 }
 
-/// The longest a trigger goes without a look at the clocks (to notice wall-clock jumps).
-const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// The longest a timer shard goes without a look at the clocks (to notice wall-clock jumps).
+const CLOCK_CHECK: Duration = Duration::from_secs(60);
 
 /// How many due triggers a shard handles on one clock reading before it reads the clocks
 /// again (a burst of thousands of fires takes milliseconds; the later ones are judged, for
@@ -420,8 +418,8 @@ struct Slot {
 }
 
 impl Slot {
-    /// When to wake this trigger next: its planner's deadline, or a minute after its last
-    /// wake, whichever comes first; `None` when it never fires again.
+    /// When to wake this trigger next (its planner's deadline); `None` when it never fires
+    /// again.
     fn wake_at(&self) -> Option<Instant> {
         self.wake_at_for(self.planner.next_fire())
     }
@@ -429,46 +427,69 @@ impl Slot {
     /// [`wake_at`](Self::wake_at), given the planner's next fire (a wake's plan has it).
     fn wake_at_for(&self, next_fire: Option<SystemTime>) -> Option<Instant> {
         *lock(&self.t.next_fire) = next_fire;
-        let at = self.planner.deadline()?;
-        // The planner's last reading is the trigger's last wake (or `start`).
-        let last = self.planner.last_reading().mono;
-        Some(at.min(crate::time::add_saturating(last, MAX_SLEEP)))
+        self.planner.deadline()
     }
 }
 
 /// A shard of timers: one task sleeps until the earliest wake of its triggers (a heap of
-/// deadlines), then handles every trigger that is due. `start` is the monotonic time the
+/// deadlines), then handles every trigger that is due. `start` is the clock reading the
 /// planners were made at.
 ///
 /// One task, one timer entry and one cancellation waiter serve a whole shard: a task per
 /// trigger cost ~1 KB each and a tokio timer entry, wake and poll per fire, which adds up when
 /// thousands of triggers are due at once.
-async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: Instant) {
-    let mut heap: BinaryHeap<Reverse<u128>> = slots
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| Some(heap_entry(start, s.wake_at()?, i)))
-        .collect();
+///
+/// The shard also looks at the clocks at least once every [`CLOCK_CHECK`], however far its
+/// triggers' fires are, and compares the reading with its previous one. An idle shard costs
+/// one clock reading a minute, whatever its number of triggers. On a wall-clock jump, every
+/// planner is handed the shard's last reading from before it ([`Planner::vouch`]) and woken,
+/// so it sees the jump as it would had it woken itself a minute earlier, and re-plans.
+async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: ClockReading) {
+    let origin = start.mono;
+    let entries = |slots: &[Slot]| -> BinaryHeap<Reverse<u128>> {
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some(heap_entry(origin, s.wake_at()?, i)))
+            .collect()
+    };
+    let mut heap = entries(&slots);
+    // The shard's last look at the clocks; no jump since the planners' own readings.
+    let mut checked = start;
     let stopped = inner.stop.cancelled();
     tokio::pin!(stopped);
-    let sleep = tokio::time::sleep_until(start);
+    let sleep = tokio::time::sleep_until(origin);
     tokio::pin!(sleep);
     loop {
         let Some(&Reverse(first)) = heap.peek() else {
             // Nothing fires again.
             return;
         };
-        sleep.as_mut().reset(crate::time::add_saturating(
-            start,
-            Duration::from_nanos(entry_nanos(first)),
-        ));
+        let due = crate::time::add_saturating(origin, Duration::from_nanos(entry_nanos(first)));
+        sleep
+            .as_mut()
+            .reset(due.min(crate::time::add_saturating(checked.mono, CLOCK_CHECK)));
         tokio::select! {
             biased;
             _ = &mut stopped => return,
             _ = &mut sleep => {}
         }
         let mut now = ClockReading::of(inner.ctl.clock());
-        let mut now_nanos = since(start, now.mono);
+        if now.jump_since(checked).is_some() {
+            for slot in &mut slots {
+                if inner.stop.is_cancelled() {
+                    return;
+                }
+                slot.planner.vouch(checked);
+                let plan = slot.planner.wake(now);
+                wake(&inner, &slot.t, plan);
+            }
+            heap = entries(&slots);
+            checked = now;
+            continue;
+        }
+        checked = now;
+        let mut now_nanos = since(origin, now.mono);
         let mut handled = 0u32;
         // The top entry is replaced in place (one sift down), not popped and pushed again.
         while let Some(mut top) = heap.peek_mut() {
@@ -485,7 +506,7 @@ async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: Instant) {
             let next_fire = plan.next_fire();
             wake(&inner, &slot.t, plan);
             match slot.wake_at_for(next_fire) {
-                Some(next) => *top = heap_entry(start, next, i),
+                Some(next) => *top = heap_entry(origin, next, i),
                 None => {
                     PeekMut::pop(top);
                 }
@@ -493,7 +514,7 @@ async fn timers(inner: Arc<Inner>, mut slots: Vec<Slot>, start: Instant) {
             handled += 1;
             if handled.is_multiple_of(FIRES_PER_READING) {
                 now = ClockReading::of(inner.ctl.clock());
-                now_nanos = since(start, now.mono);
+                now_nanos = since(origin, now.mono);
             }
         }
     }

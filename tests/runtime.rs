@@ -123,8 +123,9 @@ async fn an_every_second_cron_fires_86400_times_in_a_simulated_day() {
     assert_eq!(rt.status()[0].misfires, 0);
 }
 
-/// A timer whose next fire is an hour away still looks at the wall clock within a minute:
-/// a jump of the clock is noticed and the cron's next fire is recomputed from the new time.
+/// A timer whose next fire is an hour away still has the wall clock looked at within a minute
+/// (its shard's clock check): a jump of the clock is noticed and the cron's next fire is
+/// recomputed from the new time.
 #[cfg(feature = "cron")]
 #[tokio::test(start_paused = true)]
 async fn a_wall_clock_jump_is_noticed_within_a_minute_by_an_idle_timer() {
@@ -160,6 +161,41 @@ async fn a_wall_clock_jump_is_noticed_within_a_minute_by_an_idle_timer() {
         0,
         "nothing fires for the skipped hours"
     );
+    assert!(rt.shutdown(secs(1)).await.clean);
+}
+
+/// A small jump hours after a trigger last woke is judged as it would be a minute after: the
+/// shard's clock checks vouch for the time between. The daily trigger's planner last read the
+/// clocks at the start, five hours earlier; on its own it would allow 1 s + 1 ms per second
+/// elapsed (18 s) before calling a 10 s step a jump, and fire the skipped 12:00 late.
+#[cfg(feature = "cron")]
+#[tokio::test(start_paused = true)]
+async fn a_small_jump_long_after_a_triggers_last_wake_is_still_a_jump() {
+    use job_runtime::time::Clock;
+    use std::time::UNIX_EPOCH;
+    // 2024-05-06T07:08:57Z: the shard looks at the clocks at hh:mm:57.
+    let clock = Clock::with_wall_start(UNIX_EPOCH + secs(1_714_979_337));
+    let ctl = JobRuntimeController::with_clock(RuntimeConfig::default(), clock.clone());
+    let (job, runs) = counted("noon", ok);
+    let rt = Runtime::builder(&ctl)
+        .job(job)
+        .trigger("noon", "k", Trigger::cron("0 0 12 * * *"))
+        .build()
+        .unwrap()
+        .start();
+    let noon = |d: u64| UNIX_EPOCH + secs(1_714_953_600 + 12 * 3600 + d * 86_400);
+    // At 11:59:52, ten seconds forward: the clock skips 12:00:00 before the 11:59:57 look.
+    tokio::time::sleep(secs(4 * 3600 + 50 * 60 + 55)).await;
+    clock.shift_wall(10 * 1_000_000_000);
+    tokio::time::sleep(secs(120)).await;
+    let t = &rt.status()[0];
+    assert_eq!(t.clock_jumps, 1, "a 10 s step is a jump");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the skipped 12:00 does not fire"
+    );
+    assert_eq!(t.next_fire, Some(noon(1)), "replanned for tomorrow");
     assert!(rt.shutdown(secs(1)).await.clean);
 }
 

@@ -379,6 +379,31 @@ fn clock_drift_within_tolerance_is_not_a_jump() {
     }
 }
 
+/// `ClockReading::jump_since` sees what a planner's wake sees, and a vouched reading makes a
+/// planner judge the next wake against the tolerance for the time since that reading.
+#[test]
+fn a_vouched_reading_tightens_the_jump_tolerance() {
+    for trigger in every_minute(Misfire::FireOnceNow) {
+        let (mut p, mono) = planner_at_noon(trigger);
+        let start = ClockReading::new(noon(), mono);
+        let hour = 60 * MINUTE;
+        // An hour later, 3 s ahead: within the tolerance for an hour (1 s + 3.6 s).
+        let later = ClockReading::new(noon() + hour + Duration::from_secs(3), mono + hour);
+        assert_eq!(later.jump_since(start), None);
+        // Vouched a minute before: 3 s in a minute is a jump, for both.
+        let vouched = ClockReading::new(noon() + hour - MINUTE, mono + hour - MINUTE);
+        let jump = Some(ClockJump::Forward(Duration::from_secs(3)));
+        assert_eq!(later.jump_since(vouched), jump);
+        let mut unvouched = p.clone();
+        assert_eq!(unvouched.wake(later).clock_jump(), None);
+        p.vouch(vouched);
+        // An older reading is not taken.
+        p.vouch(start);
+        assert_eq!(p.last_reading(), vouched);
+        assert_eq!(p.wake(later).clock_jump(), jump);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cron
 // ---------------------------------------------------------------------------------------------

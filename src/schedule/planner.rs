@@ -40,6 +40,47 @@ impl ClockReading {
             mono,
         }
     }
+
+    /// The wall-clock jump from the earlier reading `prev` to this one, if the wall clock moved
+    /// apart from monotonic time by more than the [tolerance](CLOCK_JUMP_TOLERANCE) for the
+    /// time between them: what a [`Planner`] would see at a wake, for a timer loop that looks
+    /// at the clocks between its planners' wakes (see [`Planner::vouch`]).
+    pub fn jump_since(&self, prev: ClockReading) -> Option<ClockJump> {
+        let prev_wall = nanos::from_system(prev.wall);
+        compare(
+            prev_wall,
+            prev.mono,
+            nanos::from_system(self.wall),
+            self.mono,
+        )
+        .1
+    }
+}
+
+/// Compares a reading (`wall`, `mono`) with an earlier one (`prev_wall`, `prev_mono`): the wall
+/// time it would show had the wall clock moved with monotonic time, and the jump, if the
+/// difference is over the tolerance for the monotonic time elapsed.
+fn compare(
+    prev_wall: Nanos,
+    prev_mono: Instant,
+    wall: Nanos,
+    mono: Instant,
+) -> (Nanos, Option<ClockJump>) {
+    let elapsed = mono.saturating_duration_since(prev_mono);
+    let expected = prev_wall.saturating_add(nanos::of(elapsed));
+    let skew = wall - expected;
+    let elapsed_secs = u32::try_from(elapsed.as_secs()).unwrap_or(u32::MAX);
+    let tolerance = CLOCK_JUMP_TOLERANCE
+        .saturating_add(CLOCK_JUMP_TOLERANCE_PER_SEC.saturating_mul(elapsed_secs));
+    let jump = (skew.unsigned_abs() > tolerance.as_nanos()).then(|| {
+        let by = nanos::duration(skew.unsigned_abs()).unwrap_or(Duration::MAX);
+        if skew > 0 {
+            ClockJump::Forward(by)
+        } else {
+            ClockJump::Backward(by)
+        }
+    });
+    (expected, jump)
 }
 
 /// A wall-clock jump: the wall clock moved this much more (forward) or less (backward) than
@@ -166,12 +207,26 @@ impl Planner {
     /// `None`: nothing to wake for.
     ///
     /// A wall-clock change is only seen at the next wake. A timer loop that wants cron fires to
-    /// follow a changed clock promptly may wake earlier than this (say, at most a minute after
-    /// the last reading): a wake with nothing due fires nothing and only re-plans.
+    /// follow a changed clock promptly looks at the clocks in between (say, once a minute, with
+    /// [`ClockReading::jump_since`]) and, on a jump, hands each planner the last reading from
+    /// before it ([`vouch`](Self::vouch)) and wakes it: a wake with nothing due fires nothing
+    /// and only re-plans.
     pub fn deadline(&self) -> Option<Instant> {
         let left = self.due? - self.last_wall;
         let left = nanos::duration(left.max(0) as u128).unwrap_or(Duration::MAX);
         Some(crate::time::add_saturating(self.last.mono, left))
+    }
+
+    /// Takes `reading` as its last reading if it is later than the planner's own. The caller
+    /// vouches that the clocks did not jump from the planner's last reading to `reading` (a
+    /// timer loop that checked each step with [`ClockReading::jump_since`]), so a jump after
+    /// `reading` is judged at the next [`wake`](Self::wake) against the tolerance for the time
+    /// since `reading`, not since the planner's own last wake, hours ago for a daily trigger.
+    pub fn vouch(&mut self, reading: ClockReading) {
+        if reading.mono > self.last.mono {
+            self.last = reading;
+            self.last_wall = nanos::from_system(reading.wall);
+        }
     }
 
     /// The timer woke at `now`: decides what to fire and plans the next fire.
@@ -188,22 +243,10 @@ impl Planner {
     /// elapsed time), and a cron schedule's next fire is recomputed from the new wall time.
     pub fn wake(&mut self, now: ClockReading) -> Plan {
         let wall = nanos::from_system(now.wall);
-        let elapsed = now.mono.saturating_duration_since(self.last.mono);
         // What the wall clock would read had it moved with monotonic time.
-        let expected = self.last_wall.saturating_add(nanos::of(elapsed));
+        let (expected, clock_jump) = compare(self.last_wall, self.last.mono, wall, now.mono);
+        let jumped = clock_jump.is_some();
         let skew = wall - expected;
-        let elapsed_secs = u32::try_from(elapsed.as_secs()).unwrap_or(u32::MAX);
-        let tolerance = CLOCK_JUMP_TOLERANCE
-            .saturating_add(CLOCK_JUMP_TOLERANCE_PER_SEC.saturating_mul(elapsed_secs));
-        let jumped = skew.unsigned_abs() > tolerance.as_nanos();
-        let clock_jump = jumped.then(|| {
-            let by = nanos::duration(skew.unsigned_abs()).unwrap_or(Duration::MAX);
-            if skew > 0 {
-                ClockJump::Forward(by)
-            } else {
-                ClockJump::Backward(by)
-            }
-        });
         self.last = now;
         self.last_wall = wall;
 
