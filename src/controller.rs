@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
+use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use futures_util::FutureExt;
@@ -530,9 +531,9 @@ struct Inner {
     /// Written by every run from every thread: on cache lines of its own, so the fields read
     /// on every run (maps, limits, `last_sweep`) are not invalidated by each write (false
     /// sharing).
-    next_run: Padded<AtomicU64>,
+    next_run: CachePadded<AtomicU64>,
     /// The run id at the last amortised sweep (read by every run, written by a sweep).
-    last_sweep: Padded<AtomicU64>,
+    last_sweep: CachePadded<AtomicU64>,
     /// Runs whose job ignored an outside cancellation past its grace and was dropped.
     abandoned: AtomicU64,
     hooks: Hooks,
@@ -615,8 +616,8 @@ impl JobRuntimeController {
                 closing: CancellationToken::new(),
                 closed: AtomicBool::new(false),
                 cancelling: AtomicBool::new(false),
-                next_run: Padded(AtomicU64::new(1)),
-                last_sweep: Padded(AtomicU64::new(0)),
+                next_run: CachePadded::new(AtomicU64::new(1)),
+                last_sweep: CachePadded::new(AtomicU64::new(0)),
                 abandoned: AtomicU64::new(0),
                 hooks: Hooks::new(),
                 metrics: Metrics::new(),
@@ -994,7 +995,7 @@ impl JobRuntimeController {
                     let prev_ended = Arc::clone(&slot.run);
                     let flight = Arc::new(Flight::<T>::new());
                     let run = RunHandle::new();
-                    let id = inner.next_run.0.fetch_add(1, Ordering::Relaxed);
+                    let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                     let span = inner.run_span(&rk, Some(id), "replace", force);
                     slot.id = id;
                     slot.span = span.clone();
@@ -1027,7 +1028,7 @@ impl JobRuntimeController {
                 }
                 let flight = Arc::new(Flight::<T>::new());
                 let run = RunHandle::new();
-                let id = inner.next_run.0.fetch_add(1, Ordering::Relaxed);
+                let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                 let span = inner.run_span(&rk, Some(id), "start", force);
                 v.insert(Slot {
                     id,
@@ -1183,7 +1184,7 @@ impl<T: Send + Sync + 'static> Finisher<T> {
                     // Only this run takes its queued run, and a `Replace` changes the id, so
                     // one is there.
                     slot.queued.take().and_then(|mut q| {
-                        let id = self.inner.next_run.0.fetch_add(1, Ordering::Relaxed);
+                        let id = self.inner.next_run.fetch_add(1, Ordering::Relaxed);
                         let run = RunHandle::new();
                         slot.id = id;
                         slot.span = q.span.clone();
@@ -1228,11 +1229,6 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
         }
     }
 }
-
-/// A value alone on its cache line(s): 128 bytes covers adjacent-line prefetching on x86.
-#[repr(align(128))]
-#[derive(Debug, Default)]
-struct Padded<T>(T);
 
 /// A run holding its lock: one more in the in-flight gauge until it ends (or is dropped).
 struct Active<'a>(&'a Inner, &'a [opentelemetry::KeyValue; 1]);
@@ -1494,8 +1490,7 @@ impl Inner {
             if let Some(prev) = prev_ended {
                 prev.wait_ended().await;
             }
-            let inner = Arc::clone(&fin.inner);
-            let result = AssertUnwindSafe(inner.pipeline(
+            let result = AssertUnwindSafe(fin.inner.pipeline(
                 &run_span,
                 &fin.rk,
                 &policy,
@@ -2021,13 +2016,12 @@ impl Inner {
     /// since the last sweep (`id` is this run's, from `next_run`): amortised O(1) per run. Only
     /// reads a shared line per run; it is written once per sweep.
     fn maybe_sweep(&self, id: u64) {
-        let last = self.last_sweep.0.load(Ordering::Relaxed);
+        let last = self.last_sweep.load(Ordering::Relaxed);
         let n = id.saturating_sub(last);
         if n >= 4096
             && n as usize >= self.keys.len() / 2
             && self
                 .last_sweep
-                .0
                 .compare_exchange(last, id, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {

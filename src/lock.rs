@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
@@ -47,7 +48,9 @@ struct Held {
 /// ```
 pub struct KeyedLocks<K: Eq + Hash, S = RandomState> {
     map: DashMap<K, Held, S>,
-    next: AtomicU64,
+    /// Written by every acquire from every thread: on cache lines of its own, so that the
+    /// map's shard pointer, read by every acquire, is not invalidated by each write.
+    next: CachePadded<AtomicU64>,
 }
 
 impl<K: Eq + Hash, S: BuildHasher + Clone> fmt::Debug for KeyedLocks<K, S> {
@@ -84,7 +87,7 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
     pub fn with_hasher(hasher: S) -> Self {
         Self {
             map: DashMap::with_hasher(hasher),
-            next: AtomicU64::new(1),
+            next: CachePadded::new(AtomicU64::new(1)),
         }
     }
 

@@ -59,6 +59,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crossbeam_utils::CachePadded;
 use futures_util::FutureExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -268,7 +269,9 @@ struct Inner {
     triggers: Vec<Arc<TriggerState>>,
     stop: CancellationToken,
     timers: TaskTracker,
-    outcomes: Outcomes,
+    /// Written by every fire from every timer shard: on cache lines of its own, so that the
+    /// fields read on every fire (`ctl`, `stop`) are not invalidated by each write.
+    outcomes: CachePadded<Outcomes>,
 }
 
 /// A started runtime. Cheap to clone.
@@ -364,7 +367,7 @@ impl Runtime {
             triggers,
             stop: CancellationToken::new(),
             timers: TaskTracker::new(),
-            outcomes: Outcomes::default(),
+            outcomes: CachePadded::default(),
         });
         // Shards of timers: as many as the tokio runtime has workers, triggers dealt round
         // robin, so a burst of fires can spread over the workers.
