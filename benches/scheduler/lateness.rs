@@ -17,7 +17,10 @@
 //!   its default channel size (200) and with channels big enough for every fire. One more
 //!   baseline spawns `ctl.run` from the `sleep_until` loop: the floor for any scheduler that
 //!   fires into the controller. Each also reports the process CPU time over the window per fire
-//!   (`getrusage`), which the machine's other load disturbs far less than lateness.
+//!   (`getrusage`), which the machine's other load disturbs far less than lateness, and how
+//!   long the runtime's workers were runnable but waiting for a CPU (`schedstat`). Ours runs
+//!   once more with its two workers pinned one per CPU: not a comparison, but the measure of how
+//!   much of the burst's lateness is the kernel queueing both woken workers on one CPU.
 
 use std::time::Duration;
 
@@ -28,8 +31,8 @@ use job_runtime::{JobPolicy, JobRuntimeController, RuntimeConfig};
 use tokio_cron_scheduler::{Job as TcsJob, JobScheduler};
 
 use crate::support::{
-    Lateness, Probe, Recorder, cpu_time, job_name, lateness, ms, multi_thread, next_whole_second,
-    sleep_until_wall, summary_row,
+    Lateness, Probe, Recorder, cpu_time, job_name, lateness, ms, multi_thread, multi_thread_pinned,
+    next_whole_second, sleep_until_wall, summary_row, workers_waiting,
 };
 
 const EVERY_SECOND: &str = "* * * * * *";
@@ -156,11 +159,22 @@ async fn stop(running: Running) {
 /// one instance would measure one arbitrary phase. Staggered starts sample the phases evenly,
 /// as services started at random times would. Ours and `sleep_until` do not depend on when they
 /// were started; they get the same treatment.
-fn measure(which: Sched, instances: usize, jobs: usize, warm_up: u64, secs: u64) -> Lateness {
-    let rt = multi_thread(2);
+fn measure(
+    which: Sched,
+    instances: usize,
+    jobs: usize,
+    warm_up: u64,
+    secs: u64,
+    pinned: bool,
+) -> Lateness {
+    let rt = if pinned {
+        multi_thread_pinned(2)
+    } else {
+        multi_thread(2)
+    };
     let rec = Recorder::leak(instances * jobs * (secs + warm_up + 3) as usize);
     let stagger = Duration::from_millis(500) / instances as u32;
-    let (first, cpu) = rt.block_on(async move {
+    let (first, cpu, waiting) = rt.block_on(async move {
         let mut running = Vec::with_capacity(instances);
         for i in 0..instances {
             if i > 0 {
@@ -170,24 +184,25 @@ fn measure(which: Sched, instances: usize, jobs: usize, warm_up: u64, secs: u64)
         }
         let first = next_whole_second() + warm_up;
         sleep_until_wall(first, Duration::ZERO).await;
-        let cpu = cpu_time();
+        let (cpu, waiting) = (cpu_time(), workers_waiting());
         // Until the window's last second is over (a fire later than that is out of it).
         sleep_until_wall(first + secs, Duration::from_millis(50)).await;
-        let cpu = cpu_time() - cpu;
+        let (cpu, waiting) = (cpu_time() - cpu, workers_waiting() - waiting);
         for r in running {
             stop(r).await;
         }
-        (first, cpu)
+        (first, cpu, waiting)
     });
     drop(rt);
     let mut l = lateness(rec, first, secs);
     l.cpu = cpu;
+    l.waiting = waiting;
     l
 }
 
 fn show(test: &str, which: Sched, l: &Lateness) {
     println!(
-        "lateness/{test}/{:<45} fires={:<6} fires/s={:<9.1} min/s={:<6} median={:>11} p99={:>11} max={:>11} early={} cpu/fire={:.2} µs",
+        "lateness/{test}/{:<45} fires={:<6} fires/s={:<9.1} min/s={:<6} median={:>11} p99={:>11} max={:>11} early={} cpu/fire={:.2} µs workers waiting for a CPU={}",
         which.label(),
         l.fires,
         l.fires_per_sec,
@@ -196,7 +211,8 @@ fn show(test: &str, which: Sched, l: &Lateness) {
         ms(l.p99),
         ms(l.max),
         l.early,
-        l.cpu_per_fire_us()
+        l.cpu_per_fire_us(),
+        ms(l.waiting)
     );
 }
 
@@ -206,7 +222,7 @@ pub(crate) fn one_second(_c: &mut Criterion) {
     const INSTANCES: usize = 10;
     let mut results = Vec::new();
     for which in [Sched::Ours, Sched::Tcs, Sched::SleepUntil] {
-        let l = measure(which, INSTANCES, 1, 1, SECS);
+        let l = measure(which, INSTANCES, 1, 1, SECS, false);
         show("1_job", which, &l);
         results.push((which, l));
     }
@@ -236,24 +252,38 @@ pub(crate) fn one_second(_c: &mut Criterion) {
 pub(crate) fn ten_thousand(_c: &mut Criterion) {
     const JOBS: usize = 10_000;
     const SECS: u64 = 5;
-    for which in [
-        Sched::Ours,
-        Sched::Tcs,
-        Sched::TcsBigChannels,
-        Sched::SleepUntil,
-        Sched::SleepUntilRun,
+    for (which, pinned) in [
+        (Sched::Ours, false),
+        (Sched::Tcs, false),
+        (Sched::TcsBigChannels, false),
+        (Sched::SleepUntil, false),
+        (Sched::SleepUntilRun, false),
+        (Sched::Ours, true),
     ] {
-        let l = measure(which, 1, JOBS, 2, SECS);
-        show("10k_jobs", which, &l);
+        let l = measure(which, 1, JOBS, 2, SECS, pinned);
+        let label = if pinned {
+            format!("{}, workers pinned one per CPU", which.label())
+        } else {
+            which.label().to_owned()
+        };
+        show(
+            if pinned {
+                "10k_jobs_pinned"
+            } else {
+                "10k_jobs"
+            },
+            which,
+            &l,
+        );
         summary_row(format!(
-            "| 10,000 jobs every second, {SECS} s: fires/s (fewest in a second), lateness median / p99 / max, process CPU per fire | {} | {:.0} ({}), {} / {} / {}, {:.2} µs |",
-            which.label(),
+            "| 10,000 jobs every second, {SECS} s: fires/s (fewest in a second), lateness median / p99 / max, process CPU per fire, workers' wait for a CPU | {label} | {:.0} ({}), {} / {} / {}, {:.2} µs, {} |",
             l.fires_per_sec,
             l.min_per_sec,
             ms(l.median),
             ms(l.p99),
             ms(l.max),
-            l.cpu_per_fire_us()
+            l.cpu_per_fire_us(),
+            ms(l.waiting)
         ));
     }
 }

@@ -21,6 +21,62 @@ pub(crate) fn multi_thread(workers: usize) -> Runtime {
         .expect("runtime")
 }
 
+/// [`multi_thread`] with worker `i` pinned to CPU `i` (mod the CPUs this process may use).
+///
+/// Not how a service runs, and not used for any comparison: it shows how much of a burst's
+/// lateness is the kernel placing both woken workers on one CPU (see `workers_waiting`).
+pub(crate) fn multi_thread_pinned(workers: usize) -> Runtime {
+    let next = std::sync::Arc::new(AtomicUsize::new(0));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .on_thread_start(move || {
+            // SAFETY: `sched_getaffinity` / `sched_setaffinity` only read and write the set we
+            // pass; zeroed is a valid empty `cpu_set_t`.
+            unsafe {
+                let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                if libc::sched_getaffinity(0, size, &mut allowed) != 0 {
+                    return;
+                }
+                let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, &allowed))
+                    .collect();
+                if cpus.is_empty() {
+                    return;
+                }
+                let cpu = cpus[next.fetch_add(1, Ordering::Relaxed) % cpus.len()];
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut one);
+                libc::sched_setaffinity(0, size, &one);
+            }
+        })
+        .build()
+        .expect("runtime")
+}
+
+/// Time this process's tokio worker threads have spent runnable but not running (waiting for a
+/// CPU), summed, from `/proc/self/task/*/schedstat`; zero where that is not available.
+pub(crate) fn workers_waiting() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let mut nanos = 0u64;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("tokio-runtime-w") && !comm.starts_with("tokio-rt-worker") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        nanos += stat
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(nanos)
+}
+
 /// A single-threaded runtime.
 pub(crate) fn current_thread() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -177,6 +233,8 @@ pub(crate) struct Lateness {
     pub(crate) early: usize,
     /// Process CPU time (all threads) over the window.
     pub(crate) cpu: Duration,
+    /// Time the runtime's workers spent runnable but waiting for a CPU, over the window.
+    pub(crate) waiting: Duration,
 }
 
 impl Lateness {
@@ -218,6 +276,7 @@ pub(crate) fn lateness(rec: &Recorder, first: u64, secs: u64) -> Lateness {
             .map_or(Duration::ZERO, |&n| Duration::from_nanos(n)),
         early,
         cpu: Duration::ZERO,
+        waiting: Duration::ZERO,
     }
 }
 
