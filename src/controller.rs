@@ -874,6 +874,52 @@ impl JobRuntimeController {
         }
     }
 
+    /// [`start`](Self::start) for a caller that polls once and spawns only what has to wait
+    /// (the runtime's timer): admission and the run's first poll happen here, synchronously,
+    /// and a run that ends in that poll (a quick job, a refusal, a join of a finished run)
+    /// costs no future of the caller's and no reference to the controller. What has to wait
+    /// comes back boxed, to be polled from a task. A coordinator's cooldown check awaits before
+    /// admission, so with a coordinator the whole call comes back boxed, unpolled.
+    pub(crate) fn start_now<T, F, Fut>(
+        &self,
+        job: &str,
+        key: &str,
+        policy: &JobPolicy,
+        force: bool,
+        f: F,
+    ) -> Started<T>
+    where
+        T: Send + Sync + 'static,
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, RunError>> + Send + 'static,
+    {
+        if !force && self.inner.coord.is_some() {
+            let (ctl, job, key, policy) =
+                (self.clone(), job.to_owned(), key.to_owned(), policy.clone());
+            return Started::Waiting(Box::pin(async move {
+                ctl.start(&job, &key, &policy, force, f).await
+            }));
+        }
+        match self.admit(job, key, policy, force, f) {
+            Err(e) => Started::Done(Err(e)),
+            Ok(Admitted::Join(flight)) => match flight.peek() {
+                Some(r) => Started::Done(r.clone()),
+                None => Started::Waiting(Box::pin(async move { flight.wait().await })),
+            },
+            Ok(Admitted::Lead(flight, mut lead)) => {
+                if (&mut lead).now_or_never().is_some()
+                    && let Some(r) = flight.peek()
+                {
+                    return Started::Done(r.clone());
+                }
+                Started::Waiting(Box::pin(async move {
+                    lead.await;
+                    flight.wait().await
+                }))
+            }
+        }
+    }
+
     /// Steps 1 and 2 for one call: refuse it, join the run in flight, or start (lead) one.
     fn admit<T, F, Fut>(
         &self,
@@ -1093,6 +1139,14 @@ impl JobRuntimeController {
             }
         })
     }
+}
+
+/// What [`JobRuntimeController::start_now`] got to: the call's result, or what is left of it.
+pub(crate) enum Started<T> {
+    /// The call ended in its first poll.
+    Done(Shared<T>),
+    /// The rest of the call, to be polled from a task.
+    Waiting(Pin<Box<dyn Future<Output = Shared<T>> + Send>>),
 }
 
 /// What admission decided for one call.

@@ -60,13 +60,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crossbeam_utils::CachePadded;
-use futures_util::FutureExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::controller::{JobRuntimeController, KeyRecord, KeyStatus};
+use crate::controller::{JobRuntimeController, KeyRecord, KeyStatus, Started};
 use crate::error::{CancelReason, JobError};
 use crate::job::{Job, JobContext};
 use crate::schedule::{ClockReading, CronCache, Plan, Planner, Schedule, Trigger};
@@ -74,9 +73,25 @@ use crate::time::Instant;
 
 type Fire = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
 
-/// Starts one run of a plugin: (controller, key, forced). The key is shared, not copied: a
-/// timer's fire hands over its trigger's key.
-type Firer = Box<dyn Fn(&JobRuntimeController, Arc<str>, bool) -> Fire + Send + Sync>;
+/// What a fire got to in its first poll: the run's result, or the rest of it.
+enum FireStart {
+    Done(Result<(), JobError>),
+    Waiting(Fire),
+}
+
+impl FireStart {
+    /// The result, awaiting the rest if there is one.
+    async fn finish(self) -> Result<(), JobError> {
+        match self {
+            FireStart::Done(r) => r,
+            FireStart::Waiting(rest) => rest.await,
+        }
+    }
+}
+
+/// Starts one run of a plugin and polls it once: (controller, key, forced). The key is shared,
+/// not copied: a timer's fire hands over its trigger's key.
+type Firer = Box<dyn Fn(&JobRuntimeController, &str, bool) -> FireStart + Send + Sync>;
 
 /// A registered plugin with its type erased: runs one key, forced or not.
 struct Entry {
@@ -147,22 +162,23 @@ impl RuntimeBuilder {
     pub fn job<J: Job>(mut self, job: J) -> Self {
         let job = Arc::new(job);
         let name: Arc<str> = Arc::from(job.name());
-        let fire = move |ctl: &JobRuntimeController, key: Arc<str>, force: bool| -> Fire {
-            let (ctl, j) = (ctl.clone(), Arc::clone(&job));
-            Box::pin(async move {
-                let policy = j.policy();
-                let body = {
+        let fire = move |ctl: &JobRuntimeController, key: &str, force: bool| -> FireStart {
+            let policy = job.policy();
+            let body = {
+                let j = Arc::clone(&job);
+                move |ctx: JobContext| {
                     let j = Arc::clone(&j);
-                    move |ctx: JobContext| {
-                        let j = Arc::clone(&j);
-                        async move { j.run(ctx).await }
-                    }
-                };
-                // `run` or `run_forced`, one instance of the pipeline for both.
-                ctl.start(j.name(), &key, &policy, force, body)
-                    .await
-                    .map(|_| ())
-            })
+                    async move { j.run(ctx).await }
+                }
+            };
+            // `run` or `run_forced`, one instance of the pipeline for both; admission and the
+            // run's first poll happen here.
+            match ctl.start_now(job.name(), key, &policy, force, body) {
+                Started::Done(r) => FireStart::Done(r.map(|_| ())),
+                Started::Waiting(rest) => {
+                    FireStart::Waiting(Box::pin(async move { rest.await.map(|_| ()) }))
+                }
+            }
         };
         self.jobs.push(Entry {
             name,
@@ -559,21 +575,22 @@ fn wake(inner: &Arc<Inner>, t: &TriggerState, plan: Plan) {
         if !span.is_disabled() {
             span.record("job.misfired", plan.misfired());
         }
-        let mut fire = (t.job.fire)(&inner.ctl, Arc::clone(&t.key), false).instrument(span);
         // The run's first poll happens here, in the shard's task: a run that ends at once (a
-        // quick job, a refusal, a join) costs no task. One that waits goes on in a task of its
-        // own, so the shard never waits for a job.
-        match (&mut fire).now_or_never() {
-            Some(r) => {
-                let _in = fire.span().enter();
+        // quick job, a refusal, a join) costs no task and no future. One that waits goes on in
+        // a task of its own, so the shard never waits for a job.
+        let start = span.in_scope(|| (t.job.fire)(&inner.ctl, &t.key, false));
+        match start {
+            FireStart::Done(r) => {
+                let _in = span.enter();
                 inner.outcomes.count(&r);
                 crate::telemetry::record_outcome(&r);
             }
-            None => {
+            FireStart::Waiting(rest) => {
+                let mut rest = rest.instrument(span);
                 let inner2 = Arc::clone(inner);
                 inner.ctl.spawn_tracked(async move {
-                    let r = (&mut fire).await;
-                    let _in = fire.span().enter();
+                    let r = (&mut rest).await;
+                    let _in = rest.span().enter();
                     inner2.outcomes.count(&r);
                     crate::telemetry::record_outcome(&r);
                 });
@@ -670,9 +687,8 @@ impl RuntimeHandle {
             "manual",
             Some(&tracing::Span::current()),
         );
-        let r = (e.fire)(&self.inner.ctl, Arc::from(key), force)
-            .instrument(span.clone())
-            .await;
+        let start = span.in_scope(|| (e.fire)(&self.inner.ctl, key, force));
+        let r = start.finish().instrument(span.clone()).await;
         self.inner.outcomes.count(&r);
         let _in = span.enter();
         crate::telemetry::record_outcome(&r);

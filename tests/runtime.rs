@@ -473,3 +473,65 @@ async fn a_job_that_heeds_its_token_at_shutdown_counts_as_cancelled_not_abandone
     assert_eq!(ctl.abandoned_runs(), 0);
     assert!(ctl.try_acquire("polite", "k").is_some(), "no lock held");
 }
+
+/// A timer's fire is a `job.trigger` span and its run a `job.run` child of it, both for a run
+/// that ends in the timer's own poll and for one that has to wait (and so goes on in a task).
+#[tokio::test(start_paused = true)]
+async fn a_timer_fire_is_the_parent_of_its_run_span() {
+    use std::sync::Mutex;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// (span, parent) names, as spans open.
+    type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+    /// Records [`Seen`].
+    struct Parents(Seen);
+    impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Parents {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            id: &tracing::span::Id,
+            ctx: Context<'_, S>,
+        ) {
+            let parent = ctx
+                .span(id)
+                .and_then(|s| s.parent())
+                .map(|p| p.name().to_owned());
+            let name = attrs.metadata().name().to_owned();
+            self.0.lock().unwrap().push((name, parent));
+        }
+    }
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Parents(Arc::clone(&seen)));
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let (quick, quick_runs) = counted("quick", ok);
+    let (slow, slow_runs) = counted("slow", |_ctx, _n| async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok(())
+    });
+    let rt = Runtime::builder(&ctl)
+        .job(quick)
+        .job(slow)
+        .trigger("quick", "k", Trigger::every(secs(10)))
+        .trigger("slow", "k", Trigger::every(secs(10)))
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::sleep(secs(25)).await;
+    assert!(rt.shutdown(secs(1)).await.clean);
+    let runs = quick_runs.load(Ordering::SeqCst) + slow_runs.load(Ordering::SeqCst);
+    assert_eq!(runs, 6, "three fires of each");
+
+    let seen = seen.lock().unwrap();
+    let triggers = seen.iter().filter(|(n, _)| n == "job.trigger").count();
+    let run_parents: Vec<Option<&str>> = seen
+        .iter()
+        .filter(|(n, _)| n == "job.run")
+        .map(|(_, p)| p.as_deref())
+        .collect();
+    assert_eq!(triggers, 6, "{seen:?}");
+    assert_eq!(run_parents, vec![Some("job.trigger"); 6], "{seen:?}");
+}
