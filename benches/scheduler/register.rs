@@ -9,11 +9,10 @@
 //!
 //! Parsing is measured on its own (`parse/*`), and ours is also timed with `Trigger::every`,
 //! which parses nothing. Cron triggers are registered two ways: `cron`, every job on one
-//! expression (the triggers of a runtime that share an expression and zone share one parsed
-//! pattern, so this is one parse per batch), and `cron_distinct`, every job on its own
-//! expression (a parse each; the expressions differ in their time of day, as most schedules
-//! do, so they share croner's ~5.5 KB date-only pattern). The byte count also registers
-//! expressions whose date fields differ (`distinct date fields`): a date pattern each.
+//! expression (the triggers of a runtime that share an expression and zone share one parse,
+//! so this is one parse per batch), and `cron_distinct`, every job on its own expression (a
+//! parse each; the expressions differ in their time of day, as most schedules do). The byte
+//! count also registers expressions whose date fields differ too (`distinct date fields`).
 
 use std::time::{Duration, Instant, SystemTime};
 

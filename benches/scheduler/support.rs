@@ -134,8 +134,8 @@ pub(crate) fn far_cron_distinct(i: usize) -> String {
     format!("{} {} {hour} * * *", i % 60, i / 60 % 60)
 }
 
-/// A cron expression for job `i` whose date fields are its own (up to 11,088 distinct ones:
-/// day of month, month and a year from 2030), so no two share croner's date pattern.
+/// A cron expression for job `i` whose date fields are its own too (up to 11,088 distinct
+/// ones: day of month, month and a year from 2030), the most a cron job can differ.
 pub(crate) fn far_cron_distinct_dates(i: usize) -> String {
     format!(
         "0 0 0 {} {} * {}",
