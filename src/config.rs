@@ -163,6 +163,10 @@ pub struct RuntimeConfig {
     /// `JOBRT_SNAPSHOT_DIR`: where snapshot stores keep their files unless a store sets its
     /// own directory (`None`: the platform's data directory, `<data dir>/job-runtime`).
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// `JOBRT_SNAPSHOT_MAX_BYTES`: the largest snapshot or checkpoint file a store reads at
+    /// start-up (`None`: [`DEFAULT_SNAPSHOT_MAX_BYTES`]); a larger one is moved aside, not
+    /// read, and the store scans anew.
+    pub snapshot_max_bytes: Option<u64>,
     /// `JOBRT_TELEMETRY_KEYS`: how a run's key appears in spans and logs (`off`, `hashed`
     /// — the default — or `raw`). Metrics never carry keys.
     pub telemetry_keys: crate::telemetry::KeyAttribute,
@@ -171,6 +175,13 @@ pub struct RuntimeConfig {
 }
 
 const DURATION_FORM: &str = "a duration like `250ms`, `30s`, `5m`, `1h 30m` or `0`";
+
+/// The largest snapshot file a store reads unless `JOBRT_SNAPSHOT_MAX_BYTES` or the store says
+/// otherwise: 1 GiB. A file is read whole before it is decoded, so this bounds the memory a
+/// damaged or misplaced file can make start-up take.
+pub const DEFAULT_SNAPSHOT_MAX_BYTES: u64 = 1 << 30;
+
+const SIZE_FORM: &str = "a size of at least 1 byte: a whole number of bytes, or one with a unit (`KB`, `MB`, `GB`, `KiB`, `MiB`, `GiB`), like `1048576`, `512MiB` or `2GB`";
 
 /// The policy fields and their variable suffixes, longest first so `FAILURE_COOLDOWN` is
 /// matched before `COOLDOWN`.
@@ -257,6 +268,10 @@ impl RuntimeConfig {
                             "one of off, hashed, raw",
                         )
                     })?;
+                return Ok(());
+            }
+            "SNAPSHOT_MAX_BYTES" => {
+                self.snapshot_max_bytes = Some(parse_size(name, value)?);
                 return Ok(());
             }
             "SNAPSHOT_DIR" => {
@@ -349,6 +364,14 @@ impl RuntimeConfig {
     #[must_use]
     pub fn snapshot_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.snapshot_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets the largest snapshot file a store reads at start-up (unless a store sets its own;
+    /// default [`DEFAULT_SNAPSHOT_MAX_BYTES`]).
+    #[must_use]
+    pub fn snapshot_max_bytes(mut self, bytes: u64) -> Self {
+        self.snapshot_max_bytes = Some(bytes);
         self
     }
 
@@ -545,6 +568,48 @@ fn parse_priority(name: &str, value: &str) -> Result<i32, ConfigProblem> {
 fn parse_nonzero_usize(name: &str, value: &str) -> Result<NonZeroUsize, ConfigProblem> {
     let n: usize = parse_positive(name, value)?;
     NonZeroUsize::new(n).ok_or_else(|| problem(name, value, "zero", "a whole number of at least 1"))
+}
+
+/// A size: a whole number of bytes, optionally with a decimal (`KB`, `MB`, `GB`) or binary
+/// (`KiB`, `MiB`, `GiB`) unit, any case, spaces allowed between; at least 1 byte.
+fn parse_size(name: &str, value: &str) -> Result<u64, ConfigProblem> {
+    let v = value.trim();
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (number, unit) = (&v[..digits], v[digits..].trim());
+    if number.is_empty() {
+        let why = if v.is_empty() {
+            "empty"
+        } else {
+            "not a whole number of bytes"
+        };
+        return Err(problem(name, value, why, SIZE_FORM));
+    }
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(problem(
+                name,
+                value,
+                format!("unknown unit `{unit}`"),
+                SIZE_FORM,
+            ));
+        }
+    };
+    let bytes = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| problem(name, value, "too large", SIZE_FORM))?;
+    if bytes == 0 {
+        return Err(problem(name, value, "zero", SIZE_FORM));
+    }
+    Ok(bytes)
 }
 
 fn parse_rate(name: &str, value: &str) -> Result<RateLimit, ConfigProblem> {

@@ -1366,6 +1366,54 @@ fn snapshot_dir_is_read_and_an_empty_one_refused() {
     );
 }
 
+/// `JOBRT_SNAPSHOT_MAX_BYTES` takes a byte count with an optional decimal or binary unit; a bad
+/// value is an error naming the variable, the value and the accepted form.
+#[test]
+fn snapshot_max_bytes_is_read_with_units_and_bad_values_refused() {
+    let read = |v: &str| RuntimeConfig::from_env_with([("JOBRT_SNAPSHOT_MAX_BYTES", v)]);
+    for (v, want) in [
+        ("1", 1),
+        ("1048576", 1 << 20),
+        (" 512MiB ", 512 << 20),
+        ("512 mib", 512 << 20),
+        ("2GB", 2_000_000_000),
+        ("3 KB", 3_000),
+        ("1GiB", 1 << 30),
+        ("7b", 7),
+    ] {
+        assert_eq!(read(v).unwrap().snapshot_max_bytes, Some(want), "{v:?}");
+    }
+    assert_eq!(
+        RuntimeConfig::from_env_with(Vec::<(String, String)>::new())
+            .unwrap()
+            .snapshot_max_bytes,
+        None
+    );
+    assert_eq!(
+        job_runtime::config::DEFAULT_SNAPSHOT_MAX_BYTES,
+        1 << 30,
+        "1 GiB unless set"
+    );
+    for (v, why) in [
+        ("", "empty"),
+        ("0", "zero"),
+        ("0MiB", "zero"),
+        ("-5", "not a whole number"),
+        ("1.5GB", "unknown unit"),
+        ("10 parsecs", "unknown unit `parsecs`"),
+        ("99999999999999999999", "too large"),
+        ("20000000000GiB", "too large"),
+    ] {
+        let msg = read(v).unwrap_err().to_string();
+        assert!(
+            msg.contains("JOBRT_SNAPSHOT_MAX_BYTES")
+                && msg.contains(why)
+                && msg.contains("`512MiB`"),
+            "{v:?}: {msg}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // docs/configuration.md matches the code.
 
@@ -1407,6 +1455,7 @@ fn docs_tables_list_exactly_the_variables_the_code_reads() {
             "JOBRT_RATE_LIMIT",
             "JOBRT_STATUS_RETENTION",
             "JOBRT_SNAPSHOT_DIR",
+            "JOBRT_SNAPSHOT_MAX_BYTES",
             "JOBRT_TELEMETRY_KEYS",
             "JOBRT_GROUP_DOCS_CONCURRENCY",
             "JOBRT_GROUP_DOCS_RATE_LIMIT",

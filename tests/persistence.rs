@@ -501,3 +501,49 @@ fn quarantined_files_pile_up_without_clobbering_each_other() {
     }
     assert_eq!(names(files.dir()).len(), 5);
 }
+
+/// A file larger than the store may read is not read: it is moved aside whole as
+/// `<file>.too-large-<timestamp>` (nothing lost), for either kind; at the limit it loads.
+#[test]
+fn a_file_over_the_size_limit_is_moved_aside_unread() {
+    let root = tempfile::tempdir().unwrap();
+    let files = open(root.path());
+    files.save(FileKind::Snapshot, 3, at(3), &page(40)).unwrap();
+    files
+        .save(FileKind::Checkpoint, 3, at(3), &vec![7u64; 100])
+        .unwrap();
+    for kind in [FileKind::Snapshot, FileKind::Checkpoint] {
+        let path = files.path(kind);
+        let content = fs::read(&path).unwrap();
+        let len = content.len() as u64;
+
+        // Exactly at the limit: read as usual.
+        let at_limit = open(root.path()).with_max_load_bytes(len);
+        match kind {
+            FileKind::Snapshot => assert_eq!(found(at_limit.load::<Page>(kind)).scan_id, 3),
+            FileKind::Checkpoint => assert_eq!(found(at_limit.load::<Vec<u64>>(kind)).scan_id, 3),
+        }
+
+        // One byte over: moved aside unread, the reason naming the limit and how to raise it.
+        let small = open(root.path()).with_max_load_bytes(len - 1);
+        match small.load::<serde::de::IgnoredAny>(kind) {
+            Loaded::Quarantined { moved_to, reason } => {
+                assert!(!path.exists(), "{} still there", path.display());
+                let name = moved_to.file_name().unwrap().to_str().unwrap();
+                let prefix = format!("{}.too-large-", kind.file_name());
+                assert!(name.starts_with(&prefix), "{name}");
+                assert_eq!(fs::read(&moved_to).unwrap(), content, "moved file differs");
+                assert!(
+                    reason.contains(&format!("{} bytes", len - 1))
+                        && reason.contains("JOBRT_SNAPSHOT_MAX_BYTES"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected Quarantined, got {other:?}"),
+        }
+        assert!(matches!(
+            small.load::<serde::de::IgnoredAny>(kind),
+            Loaded::Missing
+        ));
+    }
+}

@@ -673,6 +673,51 @@ async fn a_damaged_file_is_set_aside_and_rebuilt_by_a_scan() {
     assert_eq!(again.peek().unwrap().scan_id, s.scan_id);
 }
 
+/// `JOBRT_SNAPSHOT_MAX_BYTES` (or the store's `max_load_bytes`, which wins) caps what a store
+/// reads at start-up: a larger file is moved aside unread and rebuilt by a scan.
+#[tokio::test(start_paused = true)]
+async fn a_file_over_the_size_limit_is_set_aside_unread_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Counter::default();
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    disk_store(&ctl, &src, dir.path()).get().await.unwrap();
+    let path = dir.path().join("s/snapshot.json");
+    let good = std::fs::read(&path).unwrap();
+
+    // The variable is below the file's size, but the store's own limit is above it.
+    let tight = RuntimeConfig::from_env_with([("JOBRT_SNAPSHOT_MAX_BYTES", "16")]).unwrap();
+    let ctl = JobRuntimeController::new(tight);
+    let roomy = SnapshotStore::builder("s")
+        .persist_dir(dir.path())
+        .max_load_bytes(good.len() as u64)
+        .build(&ctl, src.plugin())
+        .unwrap();
+    assert_eq!(
+        roomy.peek().unwrap().scan_id,
+        1,
+        "read: the store's limit wins"
+    );
+    drop(roomy);
+
+    let store = disk_store(&ctl, &src, dir.path());
+    let note = store.status().persistence.unwrap();
+    assert!(
+        note.contains("set aside") && note.contains("16 bytes"),
+        "{note}"
+    );
+    assert!(store.peek().is_none(), "nothing read from it");
+    let aside: Vec<_> = std::fs::read_dir(dir.path().join("s"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("snapshot.json.too-large-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let moved = std::fs::read(dir.path().join("s").join(&aside[0])).unwrap();
+    assert_eq!(moved, good, "nothing lost");
+    let s = store.get().await.unwrap();
+    assert_eq!((*s.data, s.source), (2, Origin::Scan));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_file_of_a_newer_format_is_never_overwritten() {
     let dir = tempfile::tempdir().unwrap();

@@ -67,6 +67,10 @@
 //! - a symlink, not a regular file, or an I/O error other than "not found":
 //!   [`Loaded::Refused`], the file left where it is;
 //! - a newer format: [`Loaded::Newer`], the file left untouched, the kind read-only;
+//! - a file larger than the store may read ([`FileStore::with_max_load_bytes`], default
+//!   [`DEFAULT_SNAPSHOT_MAX_BYTES`](crate::config::DEFAULT_SNAPSHOT_MAX_BYTES)) is not read: it
+//!   is renamed to `<file>.too-large-<UTC timestamp>` and reported as [`Loaded::Quarantined`],
+//!   so that no file can make start-up read gigabytes into memory, and nothing is lost;
 //! - anything else that is not a good file of this store, kind and schema — truncated, bits
 //!   flipped, not JSON, fields missing, another store, another schema, a payload that does not
 //!   deserialize into `T` — is renamed to `<file>.corrupt-<UTC timestamp>` (with `-1`, `-2`, …
@@ -164,7 +168,7 @@ pub enum Loaded<T> {
     Missing,
     /// A good file.
     Found(Stored<T>),
-    /// A damaged or foreign file, moved aside.
+    /// A damaged or foreign file, or one larger than the store may read, moved aside.
     Quarantined {
         /// Where it went.
         moved_to: PathBuf,
@@ -280,6 +284,8 @@ pub struct FileStore {
     /// Per kind: 0 while writable, else the newer format version `load` found (never cleared,
     /// so that file is never overwritten by this store).
     newer: [AtomicU32; 2],
+    /// The largest file `load` reads.
+    max_load_bytes: u64,
 }
 
 impl FileStore {
@@ -306,7 +312,16 @@ impl FileStore {
             name: name.to_owned(),
             schema,
             newer: [AtomicU32::new(0), AtomicU32::new(0)],
+            max_load_bytes: crate::config::DEFAULT_SNAPSHOT_MAX_BYTES,
         })
+    }
+
+    /// Sets the largest file [`load`](Self::load) reads (at least 1 byte); a larger one is moved
+    /// aside unread. Default: [`DEFAULT_SNAPSHOT_MAX_BYTES`](crate::config::DEFAULT_SNAPSHOT_MAX_BYTES).
+    #[must_use]
+    pub fn with_max_load_bytes(mut self, bytes: u64) -> Self {
+        self.max_load_bytes = bytes.max(1);
+        self
     }
 
     /// The directory.
@@ -353,8 +368,16 @@ impl FileStore {
             }
             Ok(_) => {}
         }
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
+        let bytes = match read_at_most(&path, self.max_load_bytes) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                let reason = format!(
+                    "{} is larger than the {} bytes a snapshot store reads at start-up (raise it with JOBRT_SNAPSHOT_MAX_BYTES or the store's max_load_bytes)",
+                    path.display(),
+                    self.max_load_bytes
+                );
+                return self.set_aside(&path, TOO_LARGE_TAG, reason);
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Loaded::Missing,
             Err(e) => {
                 return Loaded::Refused {
@@ -368,15 +391,20 @@ impl FileStore {
                 self.newer[kind.index()].store(version, Ordering::Release);
                 Loaded::Newer { version }
             }
-            Err(Bad::Damaged(reason)) => match move_aside(&path, SystemTime::now()) {
-                Ok(moved_to) => {
-                    // Best effort: the rename is what matters, and it has happened.
-                    let _ = sync_dir(&self.dir);
-                    Loaded::Quarantined { moved_to, reason }
-                }
-                Err(e) => Loaded::Refused {
-                    reason: format!("{reason}; and it could not be moved aside: {e}"),
-                },
+            Err(Bad::Damaged(reason)) => self.set_aside(&path, CORRUPT_TAG, reason),
+        }
+    }
+
+    /// Moves the file at `path` aside (`<file><tag><timestamp>`) for `reason`.
+    fn set_aside<T>(&self, path: &Path, tag: &str, reason: String) -> Loaded<T> {
+        match move_aside(path, tag, SystemTime::now()) {
+            Ok(moved_to) => {
+                // Best effort: the rename is what matters, and it has happened.
+                let _ = sync_dir(&self.dir);
+                Loaded::Quarantined { moved_to, reason }
+            }
+            Err(e) => Loaded::Refused {
+                reason: format!("{reason}; and it could not be moved aside: {e}"),
             },
         }
     }
@@ -708,9 +736,28 @@ fn stamp(t: SystemTime) -> String {
 
 /// Renames `path` to `<path>.corrupt-<stamp>` (or `…-1`, `…-2`, … if taken); returns the new
 /// path.
-fn move_aside(path: &Path, now: SystemTime) -> io::Result<PathBuf> {
+/// The name tag of a damaged file moved aside.
+const CORRUPT_TAG: &str = ".corrupt-";
+/// The name tag of a file moved aside unread, for its size.
+const TOO_LARGE_TAG: &str = ".too-large-";
+
+/// The whole file, or `None` if it holds more than `max` bytes (only `max + 1` are read to
+/// find out, whatever its size).
+fn read_at_most(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let file = fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > max {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
+}
+
+fn move_aside(path: &Path, tag: &str, now: SystemTime) -> io::Result<PathBuf> {
     let mut base = path.as_os_str().to_owned();
-    base.push(".corrupt-");
+    base.push(tag);
     base.push(stamp(now));
     for n in 0..1000u32 {
         let mut candidate = base.clone();
@@ -1007,7 +1054,7 @@ mod tests {
         let mut moved = Vec::new();
         for i in 0..3 {
             fs::write(&path, format!("{i}")).unwrap();
-            moved.push(move_aside(&path, t).unwrap());
+            moved.push(move_aside(&path, CORRUPT_TAG, t).unwrap());
         }
         let names: Vec<_> = moved
             .iter()

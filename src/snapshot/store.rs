@@ -504,6 +504,7 @@ pub struct SnapshotStoreBuilder {
     persist: Persist,
     policy: JobPolicy,
     key: String,
+    max_load_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -534,6 +535,14 @@ impl SnapshotStoreBuilder {
     /// Keeps the files in `<dir>/<name>/`.
     pub fn persist_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.persist = Persist::Dir(dir.into());
+        self
+    }
+    /// The largest snapshot or checkpoint file read at `build()` (at least 1 byte); a larger
+    /// one is moved aside unread (`<file>.too-large-<timestamp>`) and the first read rebuilds
+    /// it. Default: `JOBRT_SNAPSHOT_MAX_BYTES`, else
+    /// [`DEFAULT_SNAPSHOT_MAX_BYTES`](crate::config::DEFAULT_SNAPSHOT_MAX_BYTES) (1 GiB).
+    pub fn max_load_bytes(mut self, bytes: u64) -> Self {
+        self.max_load_bytes = Some(bytes);
         self
     }
     /// Keeps nothing on disk.
@@ -587,7 +596,12 @@ impl SnapshotStoreBuilder {
             None => None,
             Some(root) => Some(Arc::new(
                 FileStore::open(&root, &self.name, schema)
-                    .map_err(|e| misconfigured(format!("snapshot directory: {e}")))?,
+                    .map_err(|e| misconfigured(format!("snapshot directory: {e}")))?
+                    .with_max_load_bytes(
+                        self.max_load_bytes
+                            .or(ctl.config().snapshot_max_bytes)
+                            .unwrap_or(crate::config::DEFAULT_SNAPSHOT_MAX_BYTES),
+                    ),
             )),
         };
         let clock = ctl.clock().clone();
@@ -617,7 +631,7 @@ impl SnapshotStoreBuilder {
                 }
                 Loaded::Quarantined { moved_to, reason } => {
                     rebuild = true;
-                    tracing::warn!(store = %self.name, file = %moved_to.display(), %reason, "damaged snapshot file set aside; a full scan rebuilds it");
+                    tracing::warn!(store = %self.name, file = %moved_to.display(), %reason, "snapshot file set aside; a full scan rebuilds it");
                     status.persistence = Some(format!(
                         "snapshot file set aside as {} ({reason}); rebuilt by the next scan",
                         moved_to.display()
@@ -714,6 +728,7 @@ impl SnapshotStore<()> {
             persist: Persist::Default,
             policy: JobPolicy::default(),
             key: "snapshot".into(),
+            max_load_bytes: None,
         }
     }
 }
