@@ -333,7 +333,7 @@ impl KeyRecord {
 
     fn data(&self) -> MutexGuard<'_, KeyData> {
         // A panic never happens while this lock is held; recover the data if one ever did.
-        self.data.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock::unpoisoned(&self.data)
     }
 
     /// Cooldown left; reads the clock only when a cooldown was set.

@@ -199,7 +199,7 @@ impl PrioritySemaphore {
     fn lock(&self) -> MutexGuard<'_, SemState> {
         // The critical sections below leave the state consistent at every point where they can
         // panic (only an allocation can), so a poisoned lock is still safe to use.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock::unpoisoned(&self.state)
     }
 
     fn available_permits(&self) -> usize {

@@ -67,6 +67,15 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone + Default> Default for KeyedLo
     }
 }
 
+/// Locks `m`, taking the data even if a thread panicked while holding it (poisoning).
+///
+/// Every mutex of the crate guards state that each critical section leaves consistent
+/// (counters, status fields, a queue of waiters), and a panicking job must never make the
+/// controller unusable for the next caller.
+pub(crate) fn unpoisoned<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Why [`KeyedLocks::acquire`] gave up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("lock not acquired within {waited:?}")]

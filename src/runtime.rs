@@ -445,7 +445,7 @@ impl Slot {
 
     /// [`wake_at`](Self::wake_at), given the planner's next fire (a wake's plan has it).
     fn wake_at_for(&self, next_fire: Option<SystemTime>) -> Option<Instant> {
-        *lock(&self.t.next_fire) = next_fire;
+        *crate::lock::unpoisoned(&self.t.next_fire) = next_fire;
         self.planner.deadline()
     }
 }
@@ -638,10 +638,6 @@ fn trigger_span(
     span
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Outcomes {
     fn count(&self, r: &Result<(), JobError>) {
         let c = match r {
@@ -723,7 +719,7 @@ impl RuntimeHandle {
                 job: t.job.name.to_string(),
                 key: t.key.to_string(),
                 paused: t.job.paused.load(Ordering::Relaxed),
-                next_fire: *lock(&t.next_fire),
+                next_fire: *crate::lock::unpoisoned(&t.next_fire),
                 fires: t.counts.fires.load(Ordering::Relaxed),
                 misfires: t.counts.misfires.load(Ordering::Relaxed),
                 clock_jumps: t.counts.clock_jumps.load(Ordering::Relaxed),

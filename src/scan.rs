@@ -235,11 +235,11 @@ impl<S: IncrementalScan> ScanPlugin<S> {
     }
 
     fn memo(&self) -> Option<Arc<Memo<S::Contribution>>> {
-        self.memo.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::lock::unpoisoned(&self.memo).clone()
     }
 
     fn set_memo(&self, m: Option<Arc<Memo<S::Contribution>>>) {
-        *self.memo.lock().unwrap_or_else(|p| p.into_inner()) = m;
+        *crate::lock::unpoisoned(&self.memo) = m;
     }
 
     async fn run(&self, req: Produce<S::Aggregate>) -> Result<Produced<S::Aggregate>, RunError> {

@@ -972,7 +972,7 @@ where
 
 impl<T> Inner<T> {
     fn status(&self) -> MutexGuard<'_, StatusData> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock::unpoisoned(&self.status)
     }
 
     /// Stale by age or by `invalidate`: the decision by the clock, which every phase agrees
