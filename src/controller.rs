@@ -706,19 +706,20 @@ impl JobRuntimeController {
     /// The record of (`job`, `key`), made if there is none. Housekeeping keeps a record while
     /// anything else holds it: the runtime holds its triggers' records for its whole life.
     /// The key's strings are shared with the caller's, not copied.
-    pub(crate) fn pin(&self, job: &Arc<str>, key: &Arc<str>) -> Arc<KeyRecord> {
+    pub(crate) fn pin(&self, job: &Arc<str>, key: &Arc<str>) -> PinnedKey {
         let rk = RunKey {
             hash: RunKey::hash_of(job, key),
             job: Arc::clone(job),
             key: Arc::clone(key),
         };
-        Arc::clone(
+        let record = Arc::clone(
             self.inner
                 .keys
-                .entry(rk)
+                .entry(rk.clone())
                 .or_insert_with(|| Arc::new(KeyRecord::new()))
                 .value(),
-        )
+        );
+        PinnedKey { rk, record }
     }
 
     /// The status of (`job`, `key`), or `None` when the key has no state (never ran, or idle
@@ -865,7 +866,7 @@ impl JobRuntimeController {
         {
             Box::pin(self.inner.backend_cooldown(c, job, key)).await?;
         }
-        match self.admit(job, key, policy, force, f)? {
+        match self.admit(job, key, None, policy, force, f)? {
             Admitted::Join(flight) => flight.wait().await,
             Admitted::Lead(flight, lead) => {
                 lead.await;
@@ -884,6 +885,7 @@ impl JobRuntimeController {
         &self,
         job: &str,
         key: &str,
+        pinned: Option<&PinnedKey>,
         policy: &JobPolicy,
         force: bool,
         f: F,
@@ -900,7 +902,7 @@ impl JobRuntimeController {
                 ctl.start(&job, &key, &policy, force, f).await
             }));
         }
-        match self.admit(job, key, policy, force, f) {
+        match self.admit(job, key, pinned, policy, force, f) {
             Err(e) => Started::Done(Err(e)),
             Ok(Admitted::Join(flight)) => match flight.peek() {
                 Some(r) => Started::Done(r.clone()),
@@ -921,10 +923,12 @@ impl JobRuntimeController {
     }
 
     /// Steps 1 and 2 for one call: refuse it, join the run in flight, or start (lead) one.
+    /// `pinned`, when given, is (`job`, `key`)'s.
     fn admit<T, F, Fut>(
         &self,
         job: &str,
         key: &str,
+        pinned: Option<&PinnedKey>,
         policy: &JobPolicy,
         force: bool,
         f: F,
@@ -935,7 +939,8 @@ impl JobRuntimeController {
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
         let inner = &self.inner;
-        let hash = RunKey::hash_of(job, key);
+        debug_assert!(pinned.is_none_or(|p| (&*p.rk.job, &*p.rk.key) == (job, key)));
+        let hash = pinned.map_or_else(|| RunKey::hash_of(job, key), |p| p.rk.hash);
         let policy = inner.config.effective_policy(job, policy);
         if let Some(g) = &policy.group
             && !inner.limits.has_group(g)
@@ -980,9 +985,12 @@ impl JobRuntimeController {
         // 1. cooldown (a backend's, if any, was asked before admission unless this one says
         //    the key is cooling). A key with a record lends its `RunKey` (two reference
         //    counts instead of two string allocations).
-        let (rk, existing) = match inner.keys.get(&Probe { hash, job, key } as &dyn KeyParts) {
-            Some(r) => (r.key().clone(), Some(Arc::clone(r.value()))),
-            None => (RunKey::with_hash(hash, job, key), None),
+        let (rk, existing) = match pinned {
+            Some(p) => (p.rk.clone(), Some(Arc::clone(&p.record))),
+            None => match inner.keys.get(&Probe { hash, job, key } as &dyn KeyParts) {
+                Some(r) => (r.key().clone(), Some(Arc::clone(r.value()))),
+                None => (RunKey::with_hash(hash, job, key), None),
+            },
         };
         if !force
             && let Some(rec) = &existing
@@ -1139,6 +1147,15 @@ impl JobRuntimeController {
             }
         })
     }
+}
+
+/// A key's `RunKey` (with its hash) and record, from [`JobRuntimeController::pin`], held by a
+/// caller that starts runs of it often (a runtime's trigger). Housekeeping keeps a held record
+/// in the map, so it stays the key's record; admission takes both from here instead of hashing
+/// the key and looking the record up.
+pub(crate) struct PinnedKey {
+    rk: RunKey,
+    record: Arc<KeyRecord>,
 }
 
 /// What [`JobRuntimeController::start_now`] got to: the call's result, or what is left of it.

@@ -65,7 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::controller::{JobRuntimeController, KeyRecord, KeyStatus, Started};
+use crate::controller::{JobRuntimeController, KeyStatus, PinnedKey, Started};
 use crate::error::{CancelReason, JobError};
 use crate::job::{Job, JobContext};
 use crate::schedule::{ClockReading, CronCache, Plan, Planner, Schedule, Trigger};
@@ -91,7 +91,9 @@ impl FireStart {
 
 /// Starts one run of a plugin and polls it once: (controller, key, forced). The key is shared,
 /// not copied: a timer's fire hands over its trigger's key.
-type Firer = Box<dyn Fn(&JobRuntimeController, &str, bool) -> FireStart + Send + Sync>;
+/// A timer's fire also hands over its trigger's pinned key.
+type Firer =
+    Box<dyn Fn(&JobRuntimeController, &str, Option<&PinnedKey>, bool) -> FireStart + Send + Sync>;
 
 /// A registered plugin with its type erased: runs one key, forced or not.
 struct Entry {
@@ -162,7 +164,11 @@ impl RuntimeBuilder {
     pub fn job<J: Job>(mut self, job: J) -> Self {
         let job = Arc::new(job);
         let name: Arc<str> = Arc::from(job.name());
-        let fire = move |ctl: &JobRuntimeController, key: &str, force: bool| -> FireStart {
+        let fire = move |ctl: &JobRuntimeController,
+                         key: &str,
+                         pinned: Option<&PinnedKey>,
+                         force: bool|
+              -> FireStart {
             let policy = job.policy();
             let body = {
                 let j = Arc::clone(&job);
@@ -173,7 +179,7 @@ impl RuntimeBuilder {
             };
             // `run` or `run_forced`, one instance of the pipeline for both; admission and the
             // run's first poll happen here.
-            match ctl.start_now(job.name(), key, &policy, force, body) {
+            match ctl.start_now(job.name(), key, pinned, &policy, force, body) {
                 Started::Done(r) => FireStart::Done(r.map(|_| ())),
                 Started::Waiting(rest) => {
                     FireStart::Waiting(Box::pin(async move { rest.await.map(|_| ()) }))
@@ -264,10 +270,11 @@ struct TriggerState {
     kind: &'static str,
     next_fire: Mutex<Option<SystemTime>>,
     counts: Counts,
-    /// The controller's record of (job, key), held so that housekeeping keeps it: the status
-    /// of a scheduled job (runs, last success, last error) lasts as long as the runtime, and
-    /// a fire finds the record instead of making one.
-    _record: Arc<KeyRecord>,
+    /// The controller's record of (job, key) and its `RunKey`, held so that housekeeping keeps
+    /// the record: the status of a scheduled job (runs, last success, last error) lasts as long
+    /// as the runtime, and a fire hands both to admission instead of hashing the key and
+    /// looking the record up.
+    pinned: PinnedKey,
 }
 
 /// Outcomes of the runs the runtime fired.
@@ -367,7 +374,7 @@ impl Runtime {
                 let job = Arc::clone(&self.jobs[&t.job]);
                 let state = Arc::new(TriggerState {
                     // The record's key shares the job's name and the trigger's key strings.
-                    _record: self.ctl.pin(&job.name, &t.key),
+                    pinned: self.ctl.pin(&job.name, &t.key),
                     job,
                     key: t.key,
                     kind: t.trigger.kind_name(),
@@ -578,7 +585,7 @@ fn wake(inner: &Arc<Inner>, t: &TriggerState, plan: Plan) {
         // The run's first poll happens here, in the shard's task: a run that ends at once (a
         // quick job, a refusal, a join) costs no task and no future. One that waits goes on in
         // a task of its own, so the shard never waits for a job.
-        let start = span.in_scope(|| (t.job.fire)(&inner.ctl, &t.key, false));
+        let start = span.in_scope(|| (t.job.fire)(&inner.ctl, &t.key, Some(&t.pinned), false));
         match start {
             FireStart::Done(r) => {
                 let _in = span.enter();
@@ -683,7 +690,7 @@ impl RuntimeHandle {
             "manual",
             Some(&tracing::Span::current()),
         );
-        let start = span.in_scope(|| (e.fire)(&self.inner.ctl, key, force));
+        let start = span.in_scope(|| (e.fire)(&self.inner.ctl, key, None, force));
         let r = start.finish().instrument(span.clone()).await;
         self.inner.outcomes.count(&r);
         let _in = span.enter();
