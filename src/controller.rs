@@ -1158,6 +1158,13 @@ pub(crate) struct PinnedKey {
     record: Arc<KeyRecord>,
 }
 
+impl PinnedKey {
+    /// The key.
+    pub(crate) fn key(&self) -> &str {
+        &self.rk.key
+    }
+}
+
 /// What [`JobRuntimeController::start_now`] got to: the call's result, or what is left of it.
 pub(crate) enum Started<T> {
     /// The call ended in its first poll.

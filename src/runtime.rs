@@ -265,7 +265,6 @@ struct Counts {
 
 struct TriggerState {
     job: Arc<Entry>,
-    key: Arc<str>,
     /// `interval` or `cron` (the trigger itself lives in its timer's planner).
     kind: &'static str,
     next_fire: Mutex<Option<SystemTime>>,
@@ -275,6 +274,13 @@ struct TriggerState {
     /// as the runtime, and a fire hands both to admission instead of hashing the key and
     /// looking the record up.
     pinned: PinnedKey,
+}
+
+impl TriggerState {
+    /// The trigger's key (the pinned key's string).
+    fn key(&self) -> &str {
+        self.pinned.key()
+    }
 }
 
 /// Outcomes of the runs the runtime fired.
@@ -376,7 +382,6 @@ impl Runtime {
                     // The record's key shares the job's name and the trigger's key strings.
                     pinned: self.ctl.pin(&job.name, &t.key),
                     job,
-                    key: t.key,
                     kind: t.trigger.kind_name(),
                     next_fire: Mutex::new(None),
                     counts: Counts::default(),
@@ -410,7 +415,7 @@ impl Runtime {
                 match Schedule::new(schedule.trigger(), now.wall) {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(job = %t.job.name, key = %t.key, error = %e, "trigger not started");
+                        tracing::warn!(job = %t.job.name, key = %t.key(), error = %e, "trigger not started");
                         continue;
                     }
                 }
@@ -578,14 +583,14 @@ fn wake(inner: &Arc<Inner>, t: &TriggerState, plan: Plan) {
     for _ in 0..plan.fires() {
         t.counts.fires.fetch_add(1, Ordering::Relaxed);
         // A root span per fire: the run's `job.run` span is its child.
-        let span = trigger_span(inner, &t.job.name, &t.key, t.kind, None);
+        let span = trigger_span(inner, &t.job.name, t.key(), t.kind, None);
         if !span.is_disabled() {
             span.record("job.misfired", plan.misfired());
         }
         // The run's first poll happens here, in the shard's task: a run that ends at once (a
         // quick job, a refusal, a join) costs no task and no future. One that waits goes on in
         // a task of its own, so the shard never waits for a job.
-        let start = span.in_scope(|| (t.job.fire)(&inner.ctl, &t.key, Some(&t.pinned), false));
+        let start = span.in_scope(|| (t.job.fire)(&inner.ctl, t.key(), Some(&t.pinned), false));
         match start {
             FireStart::Done(r) => {
                 let _in = span.enter();
@@ -724,13 +729,13 @@ impl RuntimeHandle {
             .iter()
             .map(|t| TriggerStatus {
                 job: t.job.name.to_string(),
-                key: t.key.to_string(),
+                key: t.key().to_string(),
                 paused: t.job.paused.load(Ordering::Relaxed),
                 next_fire: *crate::lock::unpoisoned(&t.next_fire),
                 fires: t.counts.fires.load(Ordering::Relaxed),
                 misfires: t.counts.misfires.load(Ordering::Relaxed),
                 clock_jumps: t.counts.clock_jumps.load(Ordering::Relaxed),
-                run: self.inner.ctl.status(&t.job.name, &t.key),
+                run: self.inner.ctl.status(&t.job.name, t.key()),
             })
             .collect()
     }
