@@ -30,7 +30,12 @@ fn bench(c: &mut Criterion) {
         .expect("runtime");
     // Made before the meter provider is installed: its instruments are the no-op ones.
     let ctl_off = JobRuntimeController::new(RuntimeConfig::default());
-    let off = tracing::Dispatch::none();
+    // A registered subscriber that enables nothing, not `Dispatch::none()`: `tracing` caches a
+    // callsite's interest when it is first hit, and while only one dispatcher is registered it
+    // asks the current one. With `none()` current during "off", the controller's span callsites
+    // were cached as never-enabled, and "on" then ran without spans (runs 1–13 of T1 measured
+    // that whenever "off" ran first). With two registered, each callsite asks both.
+    let off = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
 
     let rx = otlp::OtlpReceiver::start_counting();
     let endpoint = rx.endpoint();
@@ -113,12 +118,18 @@ fn bench(c: &mut Criterion) {
     );
 }
 
-/// Waits (real time, at most 10 s) until the receiver holds `spans` spans.
+/// Waits (real time, at most 10 s) until the receiver holds `spans` spans; panics if they do
+/// not all arrive (the "on" figure would then not be the cost of exporting every span).
 fn drain(rx: &otlp::OtlpReceiver, spans: usize) {
     let start = std::time::Instant::now();
     while rx.span_count() < spans && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(1));
     }
+    assert!(
+        rx.span_count() >= spans,
+        "only {} of {spans} spans reached the receiver",
+        rx.span_count()
+    );
     rx.clear();
 }
 
