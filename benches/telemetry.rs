@@ -33,8 +33,8 @@ fn bench(c: &mut Criterion) {
     // A registered subscriber that enables nothing, not `Dispatch::none()`: `tracing` caches a
     // callsite's interest when it is first hit, and while only one dispatcher is registered it
     // asks the current one. With `none()` current during "off", the controller's span callsites
-    // were cached as never-enabled, and "on" then ran without spans (runs 1–13 of T1 measured
-    // that whenever "off" ran first). With two registered, each callsite asks both.
+    // were cached as never-enabled, and "on" then ran without spans (as every whole-bench run
+    // before this fix did). With two registered, each callsite asks both.
     let off = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
 
     let rx = otlp::OtlpReceiver::start_counting();
