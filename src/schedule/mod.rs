@@ -134,6 +134,12 @@
 //! A host sleep that stops the monotonic clock (Linux suspend) looks the same as a jump
 //! forward and is handled as one.
 //!
+//! The wall time compared is the crate [`Clock`](crate::time::Clock)'s: a clock made with
+//! `Clock::new()` (as `JobRuntimeController::new` does) follows steps of the system's wall
+//! clock at every reading, so a clock set by hand, an NTP step or a suspend is seen at the next
+//! wake or once-a-minute look. A simulated clock (`Clock::with_wall_start`) only moves with
+//! paused time and `Clock::shift_wall`.
+//!
 //! # Feature
 //!
 //! Cron triggers need the `cron` feature (on by default; croner and chrono-tz). Interval

@@ -32,8 +32,10 @@ impl ClockReading {
         Self { wall, mono }
     }
 
-    /// Reads the crate clock (monotonic first, and the wall time of that instant).
+    /// Reads the crate clock (monotonic first, and the wall time of that instant), after
+    /// following any step of the system's wall clock (see [`crate::time`]).
     pub fn of(clock: &crate::time::Clock) -> Self {
+        clock.follow_system();
         let mono = clock.now();
         Self {
             wall: clock.wall_at(mono),
