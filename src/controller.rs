@@ -25,12 +25,14 @@
 //! ended, so giving up never lets a duplicate start either.
 
 use std::any::Any;
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
@@ -320,6 +322,9 @@ struct RareData {
 #[derive(Debug)]
 pub(crate) struct KeyRecord {
     coalesced: AtomicU64,
+    /// Runs of the key that have ended (for [`Inner::retire`]: a key that ran again since it
+    /// was queued is not removed).
+    ended: AtomicU64,
     data: Mutex<KeyData>,
 }
 
@@ -327,6 +332,7 @@ impl KeyRecord {
     fn new() -> Self {
         Self {
             coalesced: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             data: Mutex::new(KeyData::default()),
         }
     }
@@ -501,6 +507,14 @@ impl Drop for Queued {
     }
 }
 
+/// When the amortised sweep last ran ([`Inner::maybe_sweep`]).
+struct Sweep {
+    /// The run id at the last sweep.
+    last: AtomicU64,
+    /// Keys left after it.
+    keys: AtomicUsize,
+}
+
 /// The in-flight entry of a key.
 struct Slot {
     id: u64,
@@ -529,11 +543,14 @@ struct Inner {
     /// cancels itself.
     cancelling: AtomicBool,
     /// Written by every run from every thread: on cache lines of its own, so the fields read
-    /// on every run (maps, limits, `last_sweep`) are not invalidated by each write (false
+    /// on every run (maps, limits, `sweep`) are not invalidated by each write (false
     /// sharing).
     next_run: CachePadded<AtomicU64>,
-    /// The run id at the last amortised sweep (read by every run, written by a sweep).
-    last_sweep: CachePadded<AtomicU64>,
+    /// The amortised sweep's state (read by every run, written by a sweep).
+    sweep: CachePadded<Sweep>,
+    /// Below this many keys the amortised sweep does not run: the keys' own threads remove
+    /// them ([`Inner::retire`]); a sweep would free records other threads allocated.
+    sweep_floor: usize,
     /// Runs whose job ignored an outside cancellation past its grace and was dropped.
     abandoned: AtomicU64,
     hooks: Hooks,
@@ -617,7 +634,13 @@ impl JobRuntimeController {
                 closed: AtomicBool::new(false),
                 cancelling: AtomicBool::new(false),
                 next_run: CachePadded::new(AtomicU64::new(1)),
-                last_sweep: CachePadded::new(AtomicU64::new(0)),
+                sweep: CachePadded::new(Sweep {
+                    last: AtomicU64::new(0),
+                    keys: AtomicUsize::new(0),
+                }),
+                sweep_floor: 2
+                    * RETIRE_AFTER
+                    * std::thread::available_parallelism().map_or(1, |n| n.get()),
                 abandoned: AtomicU64::new(0),
                 hooks: Hooks::new(),
                 metrics: Metrics::new(),
@@ -767,8 +790,10 @@ impl JobRuntimeController {
     }
 
     /// Removes the state of idle keys whose cooldown and retention have passed, and gives
-    /// memory back after bulk removal. Runs by itself as runs finish (amortised); call it to
-    /// prune now. Returns the number of keys removed.
+    /// memory back after bulk removal. As runs finish, each thread removes the keys it ran a
+    /// few hundred runs earlier if they are idle by then, and an amortised sweep the rest (see
+    /// `docs/pipeline.md`, "Per-key state"); call this to prune everything now. Returns the
+    /// number of keys removed.
     pub fn housekeep(&self) -> usize {
         self.inner.housekeep()
     }
@@ -1281,8 +1306,39 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         if let Some((start, id, run, span)) = next {
             start(id, run, span);
         }
+        Inner::retire(&self.inner, &self.rk, &self.record);
         self.inner.maybe_sweep(me);
     }
+}
+
+/// How many later runs on the same thread a finished key's record waits before that thread
+/// removes it, if it is idle by then ([`Inner::retire`]).
+const RETIRE_AFTER: usize = 256;
+
+/// The keys whose runs ended on this thread, oldest first, for one controller at a time.
+struct Retiring {
+    /// The controller they belong to (compared by address; a `Weak` keeps the address from
+    /// being reused while it is compared, without keeping the controller alive).
+    owner: Weak<Inner>,
+    keys: VecDeque<Retiree>,
+}
+
+/// A key queued by [`Inner::retire`].
+struct Retiree {
+    key: RunKey,
+    /// Its record (a `Weak`: the map's reference count is what says the key is idle).
+    record: Weak<KeyRecord>,
+    /// The record's `ended` count after the run that queued it.
+    ended: u64,
+}
+
+thread_local! {
+    static RETIRING: RefCell<Retiring> = const {
+        RefCell::new(Retiring {
+            owner: Weak::new(),
+            keys: VecDeque::new(),
+        })
+    };
 }
 
 impl<T: Send + Sync + 'static> Drop for Finisher<T> {
@@ -2090,23 +2146,88 @@ impl Inner {
         }
     }
 
-    /// Sweeps once at least 4,096 runs, and half as many runs as there are keys, have started
-    /// since the last sweep (`id` is this run's, from `next_run`): amortised O(1) per run. Only
-    /// reads a shared line per run; it is written once per sweep.
+    /// Called by every run as it ends, on the thread it ends on: queues the key on that
+    /// thread and, `RETIRE_AFTER` runs later, removes its record there if it is idle by then
+    /// (not running, not pinned, its cooldown and status retention over) and has not run
+    /// since (a key run again was queued again: a busy key keeps its record); one that is not
+    /// idle is left to the amortised sweep or `housekeep`.
+    ///
+    /// So a key's record is usually freed by the thread that ran it, often the one that made
+    /// it, one entry at a time. Left to a sweep, one thread freed (under glibc's arena lock of
+    /// the thread that allocated them) thousands of records at once, and at 2 threads each
+    /// spent ~20 % of its time blocked: two threads did no more runs per second than one.
+    fn retire(this: &Arc<Inner>, rk: &RunKey, record: &Arc<KeyRecord>) {
+        let ended = record.ended.fetch_add(1, Ordering::Relaxed) + 1;
+        let due = RETIRING.try_with(|r| {
+            let mut r = r.try_borrow_mut().ok()?;
+            if !std::ptr::eq(r.owner.as_ptr(), Arc::as_ptr(this)) {
+                // Another controller's keys: they stay in its map for its own sweep.
+                r.keys.clear();
+                r.owner = Arc::downgrade(this);
+            }
+            if let Some(last) = r.keys.back_mut()
+                && std::ptr::eq(last.record.as_ptr(), Arc::as_ptr(record))
+            {
+                // The same key again (a key run over and over): one entry is enough.
+                last.ended = ended;
+                return None;
+            }
+            r.keys.push_back(Retiree {
+                key: rk.clone(),
+                record: Arc::downgrade(record),
+                ended,
+            });
+            if r.keys.len() > RETIRE_AFTER {
+                r.keys.pop_front()
+            } else {
+                None
+            }
+        });
+        let Ok(Some(old)) = due else {
+            return;
+        };
+        // Only a key that has not run since, whose record is still the map's and held by no
+        // one else (the map and `rec`: not running, not pinned), is looked up in the map.
+        let Some(rec) = old.record.upgrade() else {
+            return;
+        };
+        if rec.ended.load(Ordering::Relaxed) != old.ended || Arc::strong_count(&rec) != 2 {
+            return;
+        }
+        drop(rec);
+        let now = Instant::now();
+        // The removed entry is dropped here, after the shard lock.
+        let _removed = this.keys.remove_if(&old.key, |_, rec| {
+            std::ptr::eq(Arc::as_ptr(rec), old.record.as_ptr())
+                && Arc::strong_count(rec) == 1
+                && rec.removable(now)
+        });
+    }
+
+    /// Sweeps once at least 4,096 runs, and as many runs as there were keys after the last
+    /// sweep, have started since it (`id` is this run's, from `next_run`): amortised O(1) per
+    /// run, as keys grow by at most one per run. Skipped while there are no more keys than the
+    /// runs' own threads keep for [`retire`](Self::retire). Only reads a shared line per run; it
+    /// is written once per sweep.
     fn maybe_sweep(&self, id: u64) {
-        let last = self.last_sweep.load(Ordering::Relaxed);
+        let last = self.sweep.last.load(Ordering::Relaxed);
         let n = id.saturating_sub(last);
-        if n >= 4096
-            && n as usize >= self.keys.len() / 2
-            && self
-                .last_sweep
+        if n < 4096
+            || n < self.sweep.keys.load(Ordering::Relaxed) as u64
+            || self
+                .sweep
+                .last
                 .compare_exchange(last, id, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+                .is_err()
         {
+            return;
+        }
+        if self.keys.len() > self.sweep_floor {
             // Amortised sweep: drop idle keys but keep the tables' capacity, so a steady stream
             // of new keys does not shrink and regrow them every 4,096 runs.
             self.prune(false);
         }
+        self.sweep.keys.store(self.keys.len(), Ordering::Relaxed);
     }
 
     fn housekeep(&self) -> usize {

@@ -493,6 +493,142 @@ async fn a_million_idle_keys_cost_nothing_once_their_cooldown_has_passed() {
     );
 }
 
+/// Without a cooldown or status retention, an idle key's record is removed by the thread that
+/// ran it a few hundred runs later (no sweep, no `housekeep`); until then its status is there.
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_removed_by_their_own_thread_a_few_hundred_runs_later() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = JobPolicy::default();
+    let run = |key: String| {
+        let (ctl, policy) = (ctl.clone(), policy.clone());
+        async move {
+            ctl.run("stream", &key, &policy, |_ctx| async {
+                Ok::<u8, RunError>(1)
+            })
+            .await
+            .unwrap();
+        }
+    };
+    run("first".into()).await;
+    assert_eq!(
+        ctl.status("stream", "first").unwrap().runs,
+        1,
+        "kept at first"
+    );
+    for i in 0..10_000 {
+        run(format!("k{i}")).await;
+        assert!(ctl.len() <= 1_024, "after {i} keys: {}", ctl.len());
+    }
+    assert!(ctl.status("stream", "first").is_none(), "removed by now");
+    assert_eq!(
+        ctl.status("stream", "k9999").unwrap().runs,
+        1,
+        "recent keys kept"
+    );
+    assert_idle_maps(&ctl);
+    assert!(ctl.housekeep() <= 1_024);
+    assert!(ctl.is_empty());
+}
+
+/// A key that keeps running among a stream of others keeps its record (its counts go on), and
+/// a key cooling down or retained is never removed early: its cooldown still refuses a run.
+#[tokio::test(start_paused = true)]
+async fn busy_cooling_and_retained_keys_keep_their_records() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let plain = JobPolicy::default();
+    let cooling = JobPolicy::builder().cooldown(secs(60)).build().unwrap();
+    let ok = |_ctx| async { Ok::<u8, RunError>(1) };
+    ctl.run("cool", "c", &cooling, ok).await.unwrap();
+    for i in 0..5_000u32 {
+        ctl.run("stream", &i.to_string(), &plain, ok).await.unwrap();
+        if i % 100 == 0 {
+            ctl.run("busy", "b", &plain, ok).await.unwrap();
+        }
+    }
+    assert_eq!(
+        ctl.status("busy", "b").unwrap().runs,
+        50,
+        "counted across every run"
+    );
+    let st = ctl.status("cool", "c").unwrap();
+    assert_eq!(st.state, RunState::CoolingDown);
+    assert!(matches!(
+        ctl.run("cool", "c", &cooling, ok).await,
+        Err(JobError::CoolingDown { .. })
+    ));
+
+    let kept = JobRuntimeController::new(
+        RuntimeConfig::from_env_with([("JOBRT_STATUS_RETENTION", "1h")]).unwrap(),
+    );
+    kept.run("kept", "first", &plain, ok).await.unwrap();
+    for i in 0..2_000u32 {
+        kept.run("kept", &i.to_string(), &plain, ok).await.unwrap();
+    }
+    assert_eq!(kept.status("kept", "first").unwrap().runs, 1, "retained");
+    assert_eq!(kept.len(), 2_001);
+    tokio::time::advance(secs(3601)).await;
+    assert_eq!(kept.housekeep(), 2_001);
+}
+
+/// Two controllers used in turn from one thread: each one's keys are left for its own
+/// housekeeping when the thread moves to the other, and both go on working.
+#[tokio::test(start_paused = true)]
+async fn controllers_used_in_turn_from_one_thread_each_keep_their_own_keys() {
+    let (a, b) = (
+        JobRuntimeController::new(RuntimeConfig::default()),
+        JobRuntimeController::new(RuntimeConfig::default()),
+    );
+    let policy = JobPolicy::default();
+    let ok = |_ctx| async { Ok::<u8, RunError>(1) };
+    for i in 0..3_000u32 {
+        let ctl = if i % 2 == 0 { &a } else { &b };
+        ctl.run("turns", &i.to_string(), &policy, ok).await.unwrap();
+    }
+    assert_eq!(a.len() + b.len(), 3_000, "none removed while alternating");
+    assert_eq!(a.housekeep() + b.housekeep(), 3_000);
+    assert!(a.is_empty() && b.is_empty());
+    drop(a);
+    for i in 0..2_000u32 {
+        b.run("turns", &i.to_string(), &policy, ok).await.unwrap();
+    }
+    assert!(b.len() <= 1_024, "{}", b.len());
+}
+
+/// Distinct keys from many tasks on a multi-threaded runtime: whichever thread a run ends on
+/// removes it later; what is left is bounded by the threads' queues, and housekeeping clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_keys_from_many_threads_stay_bounded() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let tasks: Vec<_> = (0..8u32)
+        .map(|t| {
+            let ctl = ctl.clone();
+            tokio::spawn(async move {
+                let policy = JobPolicy::default();
+                for i in 0..5_000u32 {
+                    let key = format!("{t}-{i}");
+                    let v = ctl
+                        .run("many", &key, &policy, move |_ctx| async move {
+                            tokio::task::yield_now().await;
+                            Ok::<u32, RunError>(i)
+                        })
+                        .await
+                        .unwrap();
+                    assert_eq!(*v, i);
+                }
+            })
+        })
+        .collect();
+    for t in join_all(tasks).await {
+        t.unwrap();
+    }
+    // At most a queue's worth per thread that ran a run, plus what the sweep left above its
+    // floor; far below the 40,000 keys that ran.
+    assert!(ctl.len() < 10_000, "{}", ctl.len());
+    assert_idle_maps(&ctl);
+    ctl.housekeep();
+    assert!(ctl.is_empty(), "{}", ctl.len());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Concurrency limits and permits
 // ---------------------------------------------------------------------------------------------
