@@ -43,7 +43,6 @@ use futures_util::FutureExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::budget::{AttemptEnd, Deadline, Limit, RunSignal, run_attempt, run_limited};
 use crate::config::RuntimeConfig;
@@ -535,6 +534,8 @@ struct Inner {
     limits: Limits,
     coord: Option<Arc<dyn Coordinator>>,
     tracker: TaskTracker,
+    /// Woken by each run that ends after shutdown began (see [`Inner::drained`]).
+    drained: tokio::sync::Notify,
     /// Set when shutdown begins: new runs are refused from then on. `closed` says the same in
     /// one load (a token's `is_cancelled` takes its mutex); the token is for tasks that wait.
     closing: CancellationToken,
@@ -630,6 +631,7 @@ impl JobRuntimeController {
                 keys: DashMap::with_hasher(RunKeyHash),
                 coord,
                 tracker: TaskTracker::new(),
+                drained: tokio::sync::Notify::new(),
                 closing: CancellationToken::new(),
                 closed: AtomicBool::new(false),
                 cancelling: AtomicBool::new(false),
@@ -852,16 +854,17 @@ impl JobRuntimeController {
     /// its token is abandoned after its policy's grace). Returns `true` if every run finished
     /// within `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
-        let t = &self.inner.tracker;
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.closing.cancel();
-        t.close();
-        let clean = tokio::time::timeout(grace, t.wait()).await.is_ok();
+        self.inner.tracker.close();
+        let clean = tokio::time::timeout(grace, self.inner.drained())
+            .await
+            .is_ok();
         self.inner.cancelling.store(true, Ordering::SeqCst);
         for slot in self.inner.flights.iter() {
             slot.run.cancel(CancelReason::Shutdown);
         }
-        t.wait().await;
+        self.inner.drained().await;
         // Listeners get the events already queued, within the same grace.
         self.inner.hooks.close(grace).await;
         clean
@@ -939,6 +942,7 @@ impl JobRuntimeController {
                 {
                     return Started::Done(r.clone());
                 }
+                let lead = lead.into_owned();
                 Started::Waiting(Box::pin(async move {
                     lead.await;
                     flight.wait().await
@@ -957,7 +961,7 @@ impl JobRuntimeController {
         policy: &JobPolicy,
         force: bool,
         f: F,
-    ) -> Result<Admitted<T>, JobError>
+    ) -> Result<Admitted<'_, T>, JobError>
     where
         T: Send + Sync + 'static,
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
@@ -1139,7 +1143,7 @@ impl JobRuntimeController {
             );
             let lead = Lead {
                 run: Some(run),
-                tracker: inner.tracker.token(),
+                tracker: TrackerRef::Borrowed(&inner.tracker),
             };
             return Ok(Admitted::Lead(flight, lead));
         }
@@ -1199,11 +1203,11 @@ pub(crate) enum Started<T> {
 }
 
 /// What admission decided for one call.
-enum Admitted<T> {
+enum Admitted<'a, T> {
     /// Wait for this run's result (the run in flight, or the one queued behind it).
     Join(Arc<Flight<T>>),
     /// This caller started the run: poll it, then read its result.
-    Lead(Arc<Flight<T>>, Lead),
+    Lead(Arc<Flight<T>>, Lead<'a>),
 }
 
 fn cooling(rk: &RunKey, remaining: Duration) -> JobError {
@@ -1303,9 +1307,15 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         // arrives after the run has ended must start a new run, not join the finished one.
         flight.complete(result);
         self.run.end();
+        if self.inner.closed.load(Ordering::SeqCst) {
+            // Shutdown may be waiting for the in-flight map to drain.
+            self.inner.drained.notify_waiters();
+        }
         if let Some((start, id, run, span)) = next {
             start(id, run, span);
         }
+        // The slot (and its reference to the record) goes before the record is looked at.
+        drop(removed);
         Inner::retire(&self.inner, &self.rk, &self.record);
         self.inner.maybe_sweep(me);
     }
@@ -1380,14 +1390,38 @@ type RunFuture = tracing::instrument::Instrumented<Pin<Box<dyn Future<Output = (
 ///
 /// Polling the run in the caller's own task costs no spawn and no wake-up across threads. If
 /// the caller gives up (drops its future) before the run has ended, the run moves to a task of
-/// the controller's tracker and goes on for everyone else: giving up never cancels it. The
-/// tracker token counts the run while the caller polls it, so shutdown waits for it too.
-struct Lead {
+/// the controller's tracker and goes on for everyone else: giving up never cancels it.
+///
+/// While the caller polls it, the run is counted by its in-flight entry, which shutdown waits
+/// for ([`Inner::drained`]), not by a tracker token: a token is two shared counters written
+/// twice per run from every thread, which cost two threads as much as a map operation.
+struct Lead<'a> {
     run: Option<RunFuture>,
-    tracker: TaskTrackerToken,
+    tracker: TrackerRef<'a>,
 }
 
-impl Future for Lead {
+/// The controller's tracker, borrowed while the caller's future borrows the controller (a
+/// `ctl.run` call), or a clone once the lead is boxed to be polled from a task.
+enum TrackerRef<'a> {
+    Borrowed(&'a TaskTracker),
+    Owned(TaskTracker),
+}
+
+impl Lead<'_> {
+    /// The same lead, owning a clone of the tracker.
+    fn into_owned(mut self) -> Lead<'static> {
+        let tracker = match &self.tracker {
+            TrackerRef::Borrowed(t) => (*t).clone(),
+            TrackerRef::Owned(t) => t.clone(),
+        };
+        Lead {
+            run: self.run.take(),
+            tracker: TrackerRef::Owned(tracker),
+        }
+    }
+}
+
+impl Future for Lead<'_> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -1400,13 +1434,17 @@ impl Future for Lead {
     }
 }
 
-impl Drop for Lead {
+impl Drop for Lead<'_> {
     fn drop(&mut self) {
         if let Some(run) = self.run.take() {
             // Outside a runtime (it is being torn down) the run is dropped instead, and its
             // `Finisher` ends it as cancelled.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                self.tracker.task_tracker().spawn_on(run, &rt);
+                let tracker = match &self.tracker {
+                    TrackerRef::Borrowed(t) => t,
+                    TrackerRef::Owned(t) => t,
+                };
+                tracker.spawn_on(run, &rt);
             }
         }
     }
@@ -2146,6 +2184,27 @@ impl Inner {
         }
     }
 
+    /// Waits until no run is in flight and the tracker has no task left. A run its caller
+    /// polls holds no tracker token: its in-flight entry counts it (from admission to its
+    /// end), and each run that ends after shutdown began wakes this. A queued or replacing run
+    /// keeps the key's entry, so it is counted too.
+    async fn drained(&self) {
+        loop {
+            self.tracker.wait().await;
+            let ended = self.drained.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.flights.is_empty() {
+                if self.tracker.is_empty() {
+                    return;
+                }
+                // A caller gave up and its run moved to a tracker task meanwhile.
+                continue;
+            }
+            ended.await;
+        }
+    }
+
     /// Called by every run as it ends, on the thread it ends on: queues the key on that
     /// thread and, `RETIRE_AFTER` runs later, removes its record there if it is idle by then
     /// (not running, not pinned, its cooldown and status retention over) and has not run
@@ -2158,6 +2217,11 @@ impl Inner {
     /// spent ~20 % of its time blocked: two threads did no more runs per second than one.
     fn retire(this: &Arc<Inner>, rk: &RunKey, record: &Arc<KeyRecord>) {
         let ended = record.ended.fetch_add(1, Ordering::Relaxed) + 1;
+        if Arc::strong_count(record) > 2 {
+            // Held by more than the map and the ending run: pinned by a trigger (never
+            // removed here) or already running again (queued again when that run ends).
+            return;
+        }
         let due = RETIRING.try_with(|r| {
             let mut r = r.try_borrow_mut().ok()?;
             if !std::ptr::eq(r.owner.as_ptr(), Arc::as_ptr(this)) {

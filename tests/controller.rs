@@ -1514,6 +1514,115 @@ async fn a_context_token_taken_before_or_after_a_replace_is_cancelled_with_the_r
 /// A job that never asks for a token still sees a cancel through `is_cancelled` and
 /// `cancelled()`; the token made lazily after the cancel (by another thread, racing it) is
 /// cancelled too. Many runs on a multi-threaded runtime, each cancelled by a shutdown.
+/// A run polled by its caller (no tracker task) is still waited for: shutdown returns only
+/// once it has ended, and says whether that was within the grace.
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_a_run_its_caller_is_polling() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = JobPolicy::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let caller = {
+        let (ctl, done) = (ctl.clone(), Arc::clone(&done));
+        async move {
+            ctl.run("slow", "k", &policy, move |_ctx| {
+                let done = Arc::clone(&done);
+                async move {
+                    tokio::time::sleep(secs(3)).await;
+                    done.store(true, Ordering::SeqCst);
+                    Ok::<u8, RunError>(1)
+                }
+            })
+            .await
+        }
+    };
+    let shutdown = async {
+        tokio::task::yield_now().await; // the caller has admitted and polled its run
+        let t0 = Instant::now();
+        let clean = ctl.shutdown(secs(10)).await;
+        (clean, Instant::now() - t0, done.load(Ordering::SeqCst))
+    };
+    // Both on this task: the run is never a tracker task.
+    let (r, (clean, took, finished)) = tokio::join!(caller, shutdown);
+    assert_eq!(*r.unwrap(), 1);
+    assert!(clean, "ended within the grace");
+    assert!(finished, "shutdown returned only after the run ended");
+    assert_eq!(took, secs(3));
+    assert_idle_maps(&ctl);
+
+    // Past the grace: the run is cancelled, and shutdown still waits for it to end.
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let policy = JobPolicy::default();
+    let caller = ctl.run("slow", "k", &policy, |ctx: JobContext| async move {
+        ctx.cancelled().await;
+        tokio::time::sleep(secs(1)).await; // cleans up after the cancel
+        Ok::<u8, RunError>(1)
+    });
+    let shutdown = async {
+        tokio::task::yield_now().await;
+        let t0 = Instant::now();
+        (ctl.shutdown(secs(2)).await, Instant::now() - t0)
+    };
+    let (r, (clean, took)) = tokio::join!(caller, shutdown);
+    assert!(!clean);
+    assert_eq!(took, secs(3), "the grace, then the job's own second");
+    assert!(
+        matches!(r, Err(JobError::Cancelled { .. }) | Ok(_)),
+        "{r:?}"
+    );
+    assert_idle_maps(&ctl);
+}
+
+/// Many callers polling their own runs on a multi-threaded runtime while shutdown begins:
+/// when shutdown returns, no run is in flight and none starts afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_racing_many_caller_driven_runs_leaves_none_running() {
+    for round in 0..20u32 {
+        let ctl = JobRuntimeController::new(RuntimeConfig::default());
+        let running = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..64u32)
+            .map(|i| {
+                let (ctl, running) = (ctl.clone(), Arc::clone(&running));
+                tokio::spawn(async move {
+                    let policy = JobPolicy::default();
+                    for j in 0..50u32 {
+                        let running = Arc::clone(&running);
+                        let r = ctl
+                            .run("race", &format!("{i}-{j}"), &policy, move |_ctx| {
+                                let running = Arc::clone(&running);
+                                async move {
+                                    running.fetch_add(1, Ordering::SeqCst);
+                                    tokio::task::yield_now().await;
+                                    running.fetch_sub(1, Ordering::SeqCst);
+                                    Ok::<u32, RunError>(j)
+                                }
+                            })
+                            .await;
+                        if r.is_err() {
+                            return; // refused or cancelled by the shutdown
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        ctl.shutdown(secs(5)).await;
+        assert_eq!(
+            running.load(Ordering::SeqCst),
+            0,
+            "round {round}: a run still going"
+        );
+        assert_eq!(ctl.footprint().flights, 0, "round {round}");
+        for c in join_all(callers).await {
+            c.unwrap();
+        }
+        assert_eq!(
+            running.load(Ordering::SeqCst),
+            0,
+            "round {round}: a run started after"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_reaches_every_run_whether_or_not_it_made_its_token() {
     let ctl = JobRuntimeController::new(RuntimeConfig::default());

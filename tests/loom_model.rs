@@ -73,8 +73,8 @@
 //! (`closed`, `cancelling`, cancelling slots through the map); mixing `QueueOne` with
 //! `Replace` on one key (a replace drops the queued run, which fails its flight);
 //! `Skip` (a refusal under the write lock, no state change); `Result`s other than the model's
-//! [`Output`] (errors, panics caught by `catch_unwind`); the tracker token `Lead` holds for
-//! shutdown; the coordinator (lease) lock backend. The run's `KeyRef` borrows the lock set and
+//! [`Output`] (errors, panics caught by `catch_unwind`); shutdown waiting for the in-flight map
+//! to drain (a run its caller polls holds no tracker token); the coordinator (lease) lock backend. The run's `KeyRef` borrows the lock set and
 //! the key from the run future itself (a self-referential async block, which safe Rust can only
 //! write as one); the model keeps its fencing token in the run's state ([`HeldLock::Now`]) and
 //! rebuilds the borrowing `KeyRef` where the real code drops it; the lock tests use
@@ -1046,7 +1046,7 @@ impl Controller {
             let run = Controller::run_future(self, key, id, run, f, prev);
             let lead = Lead {
                 run: Some(run),
-                ctrl: Arc::clone(self), // tracker: inner.tracker.token()
+                ctrl: Arc::clone(self), // tracker: TrackerRef::Borrowed(&inner.tracker)
             };
             return Admitted::Lead(flight, lead);
         }
