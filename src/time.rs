@@ -11,7 +11,7 @@
 //! made with [`Clock::new`] follows such steps: each time it is read for the current wall time
 //! ([`Clock::wall_now`], and the scheduler's clock readings), it compares the system's wall
 //! clock with the real monotonic clock (not tokio's, so paused time is not mistaken for a step)
-//! and, if they moved apart by more than [`SYSTEM_STEP_MIN`], moves its wall time by as much.
+//! and, if they moved apart by [`SYSTEM_STEP_MIN`] or more, moves its wall time by as much.
 //! That is how the scheduler sees a real clock jump or suspend (see
 //! [`crate::schedule`](crate::schedule#clock-jumps)). A clock made with
 //! [`Clock::with_wall_start`] is simulated and ignores the system's wall clock; a jump is
