@@ -153,7 +153,9 @@ impl Clock {
         }
         let real = (before + took / 2).saturating_duration_since(sys.real);
         let elapsed = i64::try_from(real.as_nanos()).unwrap_or(i64::MAX);
-        let step = (epoch_nanos(wall) - epoch_nanos(sys.wall)).saturating_sub(elapsed);
+        let step = epoch_nanos(wall)
+            .saturating_sub(epoch_nanos(sys.wall))
+            .saturating_sub(elapsed);
         let known = self.inner.step_nanos.load(Ordering::Relaxed);
         if step.abs_diff(known) >= SYSTEM_STEP_MIN.as_nanos() as u64 {
             self.inner.step_nanos.store(step, Ordering::Relaxed);
