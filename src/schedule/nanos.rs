@@ -31,6 +31,11 @@ pub(crate) fn to_system(n: Nanos) -> Option<SystemTime> {
 
 /// A `Duration` of `n` nanoseconds, or `None` past `Duration::MAX`.
 pub(crate) fn duration(n: u128) -> Option<Duration> {
+    // Every span up to 584 years fits in a `u64`, whose division by a constant is a multiply;
+    // a `u128` division is a library call (~50 instructions), paid on every timer wake.
+    if let Ok(n) = u64::try_from(n) {
+        return Some(Duration::from_nanos(n));
+    }
     let secs = u64::try_from(n / NANOS_PER_SEC as u128).ok()?;
     Some(Duration::new(secs, (n % NANOS_PER_SEC as u128) as u32))
 }
@@ -43,8 +48,12 @@ pub(crate) fn of(d: Duration) -> i128 {
 /// Floor of `n` to a whole second, as seconds.
 #[cfg_attr(not(feature = "cron"), allow(dead_code))]
 pub(crate) fn floor_secs(n: Nanos) -> i64 {
-    // Seconds of any `SystemTime` fit in an i64.
-    n.div_euclid(NANOS_PER_SEC) as i64
+    // Seconds of any `SystemTime` fit in an i64; nanoseconds of every time within 292 years of
+    // the epoch do too, and an `i64` division by a constant is a multiply.
+    match i64::try_from(n) {
+        Ok(n) => n.div_euclid(NANOS_PER_SEC as i64),
+        Err(_) => n.div_euclid(NANOS_PER_SEC) as i64,
+    }
 }
 
 #[cfg(test)]
@@ -69,6 +78,36 @@ mod tests {
         assert_eq!(floor_secs(-1), -1);
         assert_eq!(floor_secs(-NANOS_PER_SEC), -1);
         assert_eq!(floor_secs(-NANOS_PER_SEC - 1), -2);
+    }
+
+    #[test]
+    fn the_fast_paths_agree_with_the_wide_arithmetic() {
+        let wide_floor = |n: Nanos| n.div_euclid(NANOS_PER_SEC) as i64;
+        let wide_duration = |n: u128| {
+            Duration::new(
+                (n / NANOS_PER_SEC as u128) as u64,
+                (n % NANOS_PER_SEC as u128) as u32,
+            )
+        };
+        for n in [
+            0,
+            1,
+            -1,
+            NANOS_PER_SEC - 1,
+            -NANOS_PER_SEC + 1,
+            1_750_000_000_123_456_789,
+            -1_750_000_000_123_456_789,
+            i64::MAX as i128,
+            i64::MIN as i128,
+            i64::MAX as i128 + 1,
+            i64::MIN as i128 - 1,
+            u64::MAX as i128 * 3,
+            -(u64::MAX as i128) * 3,
+        ] {
+            assert_eq!(floor_secs(n), wide_floor(n), "{n}");
+            let u = n.unsigned_abs();
+            assert_eq!(duration(u), Some(wide_duration(u)), "{u}");
+        }
     }
 
     #[test]
