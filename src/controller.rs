@@ -25,6 +25,7 @@
 //! ended, so giving up never lets a duplicate start either.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
@@ -535,7 +536,7 @@ struct Inner {
     coord: Option<Arc<dyn Coordinator>>,
     tracker: TaskTracker,
     /// Woken by each run that ends after shutdown began (see [`Inner::drained`]).
-    drained: tokio::sync::Notify,
+    drain_wake: tokio::sync::Notify,
     /// Set when shutdown begins: new runs are refused from then on. `closed` says the same in
     /// one load (a token's `is_cancelled` takes its mutex); the token is for tasks that wait.
     closing: CancellationToken,
@@ -631,7 +632,7 @@ impl JobRuntimeController {
                 keys: DashMap::with_hasher(RunKeyHash),
                 coord,
                 tracker: TaskTracker::new(),
-                drained: tokio::sync::Notify::new(),
+                drain_wake: tokio::sync::Notify::new(),
                 closing: CancellationToken::new(),
                 closed: AtomicBool::new(false),
                 cancelling: AtomicBool::new(false),
@@ -1143,7 +1144,7 @@ impl JobRuntimeController {
             );
             let lead = Lead {
                 run: Some(run),
-                tracker: TrackerRef::Borrowed(&inner.tracker),
+                tracker: Cow::Borrowed(&inner.tracker),
             };
             return Ok(Admitted::Lead(flight, lead));
         }
@@ -1309,7 +1310,7 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         self.run.end();
         if self.inner.closed.load(Ordering::SeqCst) {
             // Shutdown may be waiting for the in-flight map to drain.
-            self.inner.drained.notify_waiters();
+            self.inner.drain_wake.notify_waiters();
         }
         if let Some((start, id, run, span)) = next {
             start(id, run, span);
@@ -1397,26 +1398,17 @@ type RunFuture = tracing::instrument::Instrumented<Pin<Box<dyn Future<Output = (
 /// twice per run from every thread, which cost two threads as much as a map operation.
 struct Lead<'a> {
     run: Option<RunFuture>,
-    tracker: TrackerRef<'a>,
-}
-
-/// The controller's tracker, borrowed while the caller's future borrows the controller (a
-/// `ctl.run` call), or a clone once the lead is boxed to be polled from a task.
-enum TrackerRef<'a> {
-    Borrowed(&'a TaskTracker),
-    Owned(TaskTracker),
+    /// The controller's tracker: borrowed while the caller's future borrows the controller (a
+    /// `ctl.run` call), a clone once the lead is boxed to be polled from a task.
+    tracker: Cow<'a, TaskTracker>,
 }
 
 impl Lead<'_> {
     /// The same lead, owning a clone of the tracker.
     fn into_owned(mut self) -> Lead<'static> {
-        let tracker = match &self.tracker {
-            TrackerRef::Borrowed(t) => (*t).clone(),
-            TrackerRef::Owned(t) => t.clone(),
-        };
         Lead {
             run: self.run.take(),
-            tracker: TrackerRef::Owned(tracker),
+            tracker: Cow::Owned(self.tracker.as_ref().clone()),
         }
     }
 }
@@ -1440,11 +1432,7 @@ impl Drop for Lead<'_> {
             // Outside a runtime (it is being torn down) the run is dropped instead, and its
             // `Finisher` ends it as cancelled.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let tracker = match &self.tracker {
-                    TrackerRef::Borrowed(t) => t,
-                    TrackerRef::Owned(t) => t,
-                };
-                tracker.spawn_on(run, &rt);
+                self.tracker.spawn_on(run, &rt);
             }
         }
     }
@@ -2191,7 +2179,7 @@ impl Inner {
     async fn drained(&self) {
         loop {
             self.tracker.wait().await;
-            let ended = self.drained.notified();
+            let ended = self.drain_wake.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
             if self.flights.is_empty() {

@@ -1046,7 +1046,7 @@ impl Controller {
             let run = Controller::run_future(self, key, id, run, f, prev);
             let lead = Lead {
                 run: Some(run),
-                ctrl: Arc::clone(self), // tracker: TrackerRef::Borrowed(&inner.tracker)
+                ctrl: Arc::clone(self), // tracker: Cow::Borrowed(&inner.tracker)
             };
             return Admitted::Lead(flight, lead);
         }
