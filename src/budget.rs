@@ -7,8 +7,10 @@
 //! dropped) after a grace period, so a stuck job can never hold a key forever.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering, fence};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -198,33 +200,67 @@ pub async fn run_bounded<F: Future>(
 
 /// [`run_bounded`] for the controller's usual attempt: no deadline and no heartbeat timeout,
 /// so only the run's [`RunSignal`] can stop it (then with `grace` to notice).
-pub(crate) async fn run_attempt<F: Future>(
-    fut: F,
-    outer: &RunSignal,
+///
+/// A plain future over the job's future, pinned where the caller keeps it, rather than an
+/// `async fn`: an `async fn` holds the job's future twice (its argument and its pinned local),
+/// and every byte here is a byte of every run's boxed future. The wait for the signal, and
+/// then the grace period's sleep, are made (boxed) only when the job does not finish at its
+/// first poll: a quick job never needs them.
+pub(crate) fn run_attempt<'a, F: Future>(
+    fut: Pin<&'a mut F>,
+    outer: &'a RunSignal,
     grace: Duration,
-) -> AttemptEnd<F::Output> {
-    tokio::pin!(fut);
-    tokio::select! {
-        biased;
-        r = &mut fut => {
-            return if outer.is_cancelled() {
-                AttemptEnd::Cancelled { abandoned: false }
-            } else {
-                AttemptEnd::Done(r)
-            };
-        }
-        _ = outer.cancelled() => {}
+) -> RunAttempt<'a, F> {
+    RunAttempt {
+        fut,
+        outer,
+        grace,
+        wait: None,
+        cancelled: false,
     }
-    let stopped = Box::pin(async {
-        tokio::select! {
-            biased;
-            _ = &mut fut => true,
-            _ = tokio::time::sleep(grace) => false,
+}
+
+/// The future of [`run_attempt`].
+pub(crate) struct RunAttempt<'a, F: Future> {
+    fut: Pin<&'a mut F>,
+    outer: &'a RunSignal,
+    grace: Duration,
+    /// The wait for the run's signal; once it fired, the grace period's sleep.
+    wait: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+    /// The run's signal fired: the job has until `wait` (the sleep) to stop.
+    cancelled: bool,
+}
+
+impl<F: Future> Future for RunAttempt<'_, F> {
+    type Output = AttemptEnd<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if !this.cancelled {
+            // The job first (as a biased select would): a result that is there wins, unless
+            // the run was cancelled meanwhile.
+            if let Poll::Ready(r) = this.fut.as_mut().poll(cx) {
+                return Poll::Ready(if this.outer.is_cancelled() {
+                    AttemptEnd::Cancelled { abandoned: false }
+                } else {
+                    AttemptEnd::Done(r)
+                });
+            }
+            let outer = this.outer;
+            let wait = this.wait.get_or_insert_with(|| Box::pin(outer.cancelled()));
+            if wait.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.cancelled = true;
+            this.wait = Some(Box::pin(tokio::time::sleep(this.grace)));
         }
-    })
-    .await;
-    AttemptEnd::Cancelled {
-        abandoned: !stopped,
+        if this.fut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(AttemptEnd::Cancelled { abandoned: false });
+        }
+        match this.wait.as_mut().map(|w| w.as_mut().poll(cx)) {
+            Some(Poll::Pending) => Poll::Pending,
+            _ => Poll::Ready(AttemptEnd::Cancelled { abandoned: true }),
+        }
     }
 }
 
@@ -305,5 +341,54 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_finishes_at_once_makes_no_wait_and_no_token() {
+        let signal = RunSignal::default();
+        let job = std::pin::pin!(async { 7 });
+        let end = run_attempt(job, &signal, Duration::from_secs(1)).await;
+        assert!(matches!(end, AttemptEnd::Done(7)));
+        assert!(signal.token.get().is_none(), "no token for a quick job");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_that_arrives_after_the_cancel_counts_as_cancelled() {
+        let signal = RunSignal::default();
+        signal.cancel(CancelReason::Replaced);
+        let job = std::pin::pin!(async { 7 });
+        let end = run_attempt(job, &signal, Duration::from_secs(1)).await;
+        assert!(matches!(end, AttemptEnd::Cancelled { abandoned: false }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_gets_the_grace_after_a_cancel_and_is_abandoned_past_it() {
+        let grace = Duration::from_secs(2);
+        for (stops_after, abandoned) in [(Duration::from_secs(1), false), (grace * 3, true)] {
+            let signal = std::sync::Arc::new(RunSignal::default());
+            let s2 = std::sync::Arc::clone(&signal);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                s2.cancel(CancelReason::Shutdown);
+            });
+            let start = Instant::now();
+            // Ignores the signal; stops on its own `stops_after` after the cancel.
+            let job = std::pin::pin!(async {
+                tokio::time::sleep(Duration::from_secs(5) + stops_after).await;
+            });
+            let end = run_attempt(job, &signal, grace).await;
+            assert!(
+                matches!(end, AttemptEnd::Cancelled { abandoned: a } if a == abandoned),
+                "stops {stops_after:?} after the cancel"
+            );
+            let took = start.elapsed();
+            let expect = Duration::from_secs(5) + stops_after.min(grace);
+            assert_eq!(took, expect, "stops {stops_after:?} after the cancel");
+        }
     }
 }

@@ -1866,9 +1866,12 @@ impl Inner {
         // 4. budget
         let deadline = Deadline::new(started, policy.budget);
         // 5. attempts
-        let result = self
-            .attempts(span, rk, policy, record, run, id, held.token(), deadline, f)
-            .await;
+        // Boxed on its own: the attempts' future is most of a run's, and two allocations that
+        // each fit the allocator's per-thread cache (under ~1 KB) cost less than one that does
+        // not (glibc's tcache; a larger block goes through its bins and is copied in whole).
+        let result =
+            Box::pin(self.attempts(span, rk, policy, record, run, id, held.token(), deadline, f))
+                .await;
         self.unlock(held).await;
         // 6. outcome
         let ended = Instant::now();
@@ -1949,11 +1952,11 @@ impl Inner {
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
-        let budget_exceeded = |last: Option<JobError>| JobError::BudgetExceeded {
+        let budget_exceeded = |last: Option<Box<JobError>>| JobError::BudgetExceeded {
             job: rk.job.clone(),
             key: rk.key.clone(),
             budget: deadline.budget().unwrap_or_default(),
-            last: last.map(Box::new),
+            last,
         };
         let cancelled = || JobError::Cancelled {
             job: rk.job.clone(),
@@ -1964,8 +1967,10 @@ impl Inner {
             return Err(self.unknown_group(rk, policy.group.as_deref().unwrap_or_default()));
         };
         let max = policy.retry.max_attempts.get();
-        let mut backoff = policy.retry.backoff(id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut last: Option<JobError> = None;
+        // Both boxed, and the backoff made at the first retry: most runs never retry, and every
+        // byte here is a byte of every run's future.
+        let mut backoff: Option<Box<crate::retry::Backoff>> = None;
+        let mut last: Option<Box<JobError>> = None;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -2048,11 +2053,25 @@ impl Inner {
                 otel.status_description = Empty,
             );
             span.record("job.attempts", crate::telemetry::int(attempt));
-            let end = match std::panic::catch_unwind(AssertUnwindSafe(|| aspan.in_scope(|| f(ctx))))
-            {
-                Err(p) => AttemptEnd::Done(Err(p)),
-                Ok(fut) => {
-                    let fut = AssertUnwindSafe(fut.instrument(aspan.clone())).catch_unwind();
+            // The job's future, pinned here once (the attempt's runner borrows it). Made in the
+            // `let` so that no temporary of its making outlives the statement: a `match` on
+            // `catch_unwind(..)` around the `.await` kept a second copy of the future.
+            let mut panicked = None;
+            let mut job = std::pin::pin!(match std::panic::catch_unwind(AssertUnwindSafe(
+                || aspan.in_scope(|| f(ctx))
+            )) {
+                Ok(fut) => Some(AssertUnwindSafe(fut.instrument(aspan.clone())).catch_unwind()),
+                Err(p) => {
+                    panicked = Some(p);
+                    None
+                }
+            });
+            let end = match job.as_mut().as_pin_mut() {
+                // `f` panicked; `panicked` holds what with.
+                None => AttemptEnd::Done(Err(panicked
+                    .take()
+                    .unwrap_or_else(|| Box::new("the job panicked")))),
+                Some(fut) => {
                     if own.is_none() {
                         run_attempt(fut, &run.signal, policy.abandon_grace).await
                     } else {
@@ -2147,11 +2166,16 @@ impl Inner {
             }
             let delay = match decision {
                 Decision::RetryAfter(d) => d,
-                _ => backoff.next().unwrap_or_default(),
+                _ => backoff
+                    .get_or_insert_with(|| {
+                        Box::new(policy.retry.backoff(id.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+                    })
+                    .next()
+                    .unwrap_or_default(),
             };
             let now = Instant::now();
             if deadline.remaining(now).is_some_and(|left| delay >= left) {
-                return Err(budget_exceeded(Some(err)));
+                return Err(budget_exceeded(Some(Box::new(err))));
             }
             record.data().retries += 1;
             self.metrics.retries.add(1, &Metrics::job(&rk.job));
@@ -2168,7 +2192,7 @@ impl Inner {
             if !slept.await {
                 return Err(cancelled());
             }
-            last = Some(err);
+            last = Some(Box::new(err));
         }
     }
 
