@@ -979,8 +979,10 @@ impl JobRuntimeController {
         }
         // A caller that joins the run in flight needs no key of its own: it looks the slot up
         // under the shard's read lock with borrowed strings, and checks the cooldown on the
-        // slot's record (the key's).
-        if policy.overlap == Overlap::Coalesce
+        // slot's record (the key's). A pinned key (a trigger's) has its `RunKey` already and
+        // goes straight to the entry below, which joins the same way: one shard lock, not two.
+        if pinned.is_none()
+            && policy.overlap == Overlap::Coalesce
             && !inner.closed.load(Ordering::Acquire)
             && let Some(slot) = inner
                 .flights

@@ -371,6 +371,11 @@ async fn a_job_still_running_at_its_next_fire_is_never_run_twice_at_once() {
     // Default overlap Coalesce: fires during a run join it. Runs start at 0, 4, 8, 12, 16 s
     // (the first fire after each 3.5 s run ends).
     assert_eq!(runs.load(Ordering::SeqCst), 5);
+    // The three fires during each run joined it (1-3, 5-7, 9-11, 13-15, 17-19 s).
+    let status = ctl
+        .status("slow", "k")
+        .expect("a scheduled key keeps its status");
+    assert_eq!((status.runs, status.coalesced), (5, 15));
     assert!(report.clean);
 }
 
