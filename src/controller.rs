@@ -1888,7 +1888,8 @@ impl Inner {
         self.record_outcome(record, policy.cooldown, took, ended, &result);
         drop(active);
         let outcome = result.as_ref().map_or_else(|e| e.kind(), |_| "success");
-        self.metrics.run_ended(&job_attr[0], outcome, took);
+        let [job] = job_attr;
+        self.metrics.run_ended(job, outcome, took);
         span.record("job.outcome", outcome);
         if let Err(e) = &result {
             crate::telemetry::record_error(span, e);

@@ -593,18 +593,16 @@ fn wake(inner: &Arc<Inner>, t: &TriggerState, plan: Plan) {
         let start = span.in_scope(|| (t.job.fire)(&inner.ctl, t.key(), Some(&t.pinned), false));
         match start {
             FireStart::Done(r) => {
-                let _in = span.enter();
                 inner.outcomes.count(&r);
-                crate::telemetry::record_outcome(&r);
+                crate::telemetry::record_outcome(&span, &r);
             }
             FireStart::Waiting(rest) => {
                 let mut rest = rest.instrument(span);
                 let inner2 = Arc::clone(inner);
                 inner.ctl.spawn_tracked(async move {
                     let r = (&mut rest).await;
-                    let _in = rest.span().enter();
                     inner2.outcomes.count(&r);
-                    crate::telemetry::record_outcome(&r);
+                    crate::telemetry::record_outcome(rest.span(), &r);
                 });
             }
         }
@@ -698,8 +696,7 @@ impl RuntimeHandle {
         let start = span.in_scope(|| (e.fire)(&self.inner.ctl, key, None, force));
         let r = start.finish().instrument(span.clone()).await;
         self.inner.outcomes.count(&r);
-        let _in = span.enter();
-        crate::telemetry::record_outcome(&r);
+        crate::telemetry::record_outcome(&span, &r);
         r
     }
 

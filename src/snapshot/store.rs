@@ -1232,7 +1232,7 @@ where
                 let _guard = guard;
                 // The outcome is in status; a stale reader does not see errors.
                 let r = store.refresh(false, false, Why::Stale).await;
-                crate::telemetry::record_outcome(&r.map(|_| ()));
+                crate::telemetry::record_outcome(&tracing::Span::current(), &r.map(|_| ()));
             }
             .instrument(span),
         )

@@ -184,9 +184,10 @@ impl Metrics {
         [KeyValue::new(attr::JOB, Arc::clone(job))]
     }
 
-    /// A run ended: its duration and its outcome.
-    pub(crate) fn run_ended(&self, job: &KeyValue, outcome: &'static str, took: Duration) {
-        let attrs = [job.clone(), KeyValue::new(attr::OUTCOME, outcome)];
+    /// A run ended: its duration and its outcome (`job` is the run's `job.name` attribute,
+    /// moved in, not cloned).
+    pub(crate) fn run_ended(&self, job: KeyValue, outcome: &'static str, took: Duration) {
+        let attrs = [job, KeyValue::new(attr::OUTCOME, outcome)];
         self.run_duration.record(took.as_secs_f64(), &attrs);
         self.runs.add(1, &attrs);
     }
@@ -244,10 +245,12 @@ pub(crate) fn link(from: &tracing::Span, to: &tracing::Span) {
     }
 }
 
-/// Records a trigger's outcome on the current (`job.trigger`) span: `success`, a refusal
-/// (`busy`, `cooling_down`: not an error), or the error.
-pub(crate) fn record_outcome(r: &Result<(), crate::JobError>) {
-    let span = tracing::Span::current();
+/// Records a trigger's outcome on its `job.trigger` span: `success`, a refusal (`busy`,
+/// `cooling_down`: not an error), or the error.
+pub(crate) fn record_outcome(span: &tracing::Span, r: &Result<(), crate::JobError>) {
+    if span.is_disabled() {
+        return;
+    }
     match r {
         Ok(()) => {
             span.record(attr::OUTCOME, "success");
