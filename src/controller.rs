@@ -61,13 +61,24 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 /// A job name and a key: what one run is about.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Eq)]
 pub struct RunKey {
     /// Hash of (job, key), computed once: every map the key visits hashes 8 bytes instead of
     /// two strings.
     hash: u64,
     job: Arc<str>,
     key: Arc<str>,
+}
+
+/// Equal (job, key), the hash first. A key mostly meets its own copies (a trigger's pinned
+/// key, a record's), which share their strings: those compare by pointer (`Arc<str>`'s own
+/// `==` compares the bytes, as `str` is unsized).
+impl PartialEq for RunKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.job, &other.job) || self.job == other.job)
+            && (Arc::ptr_eq(&self.key, &other.key) || self.key == other.key)
+    }
 }
 
 impl std::hash::Hash for RunKey {
