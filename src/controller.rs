@@ -2081,7 +2081,8 @@ impl Inner {
                 }
             });
             let end = match job.as_mut().as_pin_mut() {
-                // `f` panicked; `panicked` holds what with.
+                // `f` panicked while making the future: `panicked` holds the payload (always
+                // set on this path; the fallback only keeps this total).
                 None => AttemptEnd::Done(Err(panicked
                     .take()
                     .unwrap_or_else(|| Box::new("the job panicked")))),
