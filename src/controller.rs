@@ -433,9 +433,12 @@ pub struct Footprint {
     pub lock_capacity: usize,
 }
 
-/// One run: its cancellation and its end.
-#[derive(Debug)]
+/// One run: its controller, its cancellation and its end.
 pub(crate) struct RunHandle {
+    /// The controller the run belongs to. Held here, once per run, rather than by the run's
+    /// future and (for its clock) by every attempt's `JobContext`: each clone and drop of a
+    /// controller-wide `Arc` is a write to a line every thread's runs write.
+    inner: Arc<Inner>,
     /// Cancellation from outside (replace, shutdown, lease lost), with its reason.
     pub(crate) signal: RunSignal,
     /// Set once the run has fully ended (its lock released); a flag and a `Notify` rather than
@@ -444,16 +447,31 @@ pub(crate) struct RunHandle {
     ended_notify: tokio::sync::Notify,
 }
 
+impl fmt::Debug for RunHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunHandle")
+            .field("signal", &self.signal)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RunHandle {
     /// Not a child of a controller-wide token: adding and removing children takes the parent's
     /// lock, which would serialise runs on distinct keys. Shutdown cancels runs through the
     /// in-flight map instead.
-    fn new() -> Arc<Self> {
+    fn new(inner: &Arc<Inner>) -> Arc<Self> {
         Arc::new(Self {
+            inner: Arc::clone(inner),
             signal: RunSignal::default(),
             ended: AtomicBool::new(false),
             ended_notify: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The controller's clock.
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.inner.clock
     }
 
     fn end(&self) {
@@ -1091,7 +1109,7 @@ impl JobRuntimeController {
                     slot.run.cancel(CancelReason::Replaced);
                     let prev_ended = Arc::clone(&slot.run);
                     let flight = Arc::new(Flight::<T>::new());
-                    let run = RunHandle::new();
+                    let run = RunHandle::new(inner);
                     let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                     let span = inner.run_span(&rk, Some(id), "replace", force);
                     slot.id = id;
@@ -1124,7 +1142,7 @@ impl JobRuntimeController {
                     return Err(inner.skipped(cooling(&rk, remaining)));
                 }
                 let flight = Arc::new(Flight::<T>::new());
-                let run = RunHandle::new();
+                let run = RunHandle::new(inner);
                 let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                 let span = inner.run_span(&rk, Some(id), "start", force);
                 v.insert(Slot {
@@ -1143,18 +1161,7 @@ impl JobRuntimeController {
         };
         if let Some((id, run, record, flight, f, prev, span)) = launch {
             let policy = policy.into_owned();
-            let run = Inner::run_future(
-                &self.inner,
-                rk,
-                policy,
-                record,
-                id,
-                run,
-                flight.clone(),
-                f,
-                prev,
-                span,
-            );
+            let run = Inner::run_future(rk, policy, record, id, run, flight.clone(), f, prev, span);
             let lead = Lead {
                 run: Some(run),
                 tracker: Cow::Borrowed(&inner.tracker),
@@ -1184,8 +1191,7 @@ impl JobRuntimeController {
         Box::new(move |id, run, span| {
             span.record("job.run_id", crate::telemetry::int(id));
             if let Some(inner) = inner.upgrade() {
-                let run =
-                    Inner::run_future(&inner, rk, policy, record, id, run, flight, f, None, span);
+                let run = Inner::run_future(rk, policy, record, id, run, flight, f, None, span);
                 inner.tracker.spawn(run);
             }
         })
@@ -1278,7 +1284,6 @@ fn panic_message(p: &(dyn Any + Send)) -> String {
 /// shutting down, or the pipeline panicked) it ends the run as cancelled, so no waiter hangs
 /// and no entry leaks.
 struct Finisher<T: Send + Sync + 'static> {
-    inner: Arc<Inner>,
     rk: RunKey,
     id: u64,
     run: Arc<RunHandle>,
@@ -1295,18 +1300,19 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         // Usually nothing is queued: the slot is removed by reference (no key to clone), and
         // dropped outside the shard lock.
         let removed = self
+            .run
             .inner
             .flights
             .remove_if(&self.rk, |_, s| s.id == me && s.queued.is_none());
         let next = match removed {
             Some(_) => None,
-            None => match self.inner.flights.get_mut(&self.rk) {
+            None => match self.run.inner.flights.get_mut(&self.rk) {
                 Some(mut slot) if slot.id == me => {
                     // Only this run takes its queued run, and a `Replace` changes the id, so
                     // one is there.
                     slot.queued.take().and_then(|mut q| {
-                        let id = self.inner.next_run.fetch_add(1, Ordering::Relaxed);
-                        let run = RunHandle::new();
+                        let id = self.run.inner.next_run.fetch_add(1, Ordering::Relaxed);
+                        let run = RunHandle::new(&self.run.inner);
                         slot.id = id;
                         slot.span = q.span.clone();
                         slot.run = Arc::clone(&run);
@@ -1321,17 +1327,17 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         // arrives after the run has ended must start a new run, not join the finished one.
         flight.complete(result);
         self.run.end();
-        if self.inner.closed.load(Ordering::SeqCst) {
+        if self.run.inner.closed.load(Ordering::SeqCst) {
             // Shutdown may be waiting for the in-flight map to drain.
-            self.inner.drain_wake.notify_waiters();
+            self.run.inner.drain_wake.notify_waiters();
         }
         if let Some((start, id, run, span)) = next {
             start(id, run, span);
         }
         // The slot (and its reference to the record) goes before the record is looked at.
         drop(removed);
-        Inner::retire(&self.inner, &self.rk, &self.record);
-        self.inner.maybe_sweep(me);
+        Inner::retire(&self.run.inner, &self.rk, &self.record);
+        self.run.inner.maybe_sweep(me);
     }
 }
 
@@ -1381,7 +1387,7 @@ impl<T: Send + Sync + 'static> Drop for Finisher<T> {
                 let rare = d.rare();
                 rare.last_error = Some(err.to_string());
                 rare.last_error_kind = Some(err.kind());
-                d.keep_until = Some(add_saturating(now, self.inner.config.status_retention));
+                d.keep_until = Some(add_saturating(now, self.run.inner.config.status_retention));
             }
             self.finish(Err(err));
         }
@@ -1632,7 +1638,6 @@ impl Inner {
     /// started the run polls it (see [`Lead`]), or a task of the tracker does.
     #[allow(clippy::too_many_arguments)]
     fn run_future<T, F, Fut>(
-        this: &Arc<Inner>,
         rk: RunKey,
         policy: JobPolicy,
         record: Arc<KeyRecord>,
@@ -1649,7 +1654,6 @@ impl Inner {
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
         let mut fin = Finisher {
-            inner: Arc::clone(this),
             rk,
             id,
             run,
@@ -1663,7 +1667,7 @@ impl Inner {
             if let Some(prev) = prev_ended {
                 prev.wait_ended().await;
             }
-            let result = AssertUnwindSafe(fin.inner.pipeline(
+            let result = AssertUnwindSafe(fin.run.inner.pipeline(
                 &run_span,
                 &fin.rk,
                 &policy,
@@ -2044,7 +2048,6 @@ impl Inner {
                 own: own.clone(),
                 fencing,
                 record: Arc::clone(record),
-                clock: self.clock.clone(),
             };
             if policy.heartbeat_timeout.is_some() {
                 let mut d = record.data();

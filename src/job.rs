@@ -13,7 +13,7 @@ use crate::cooldown::Cooldown;
 use crate::error::{ConfigError, RunError};
 use crate::lock::FencingToken;
 use crate::retry::RetryPolicy;
-use crate::time::{Clock, Instant};
+use crate::time::Instant;
 
 /// What a run does when another run of the same key is already in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -312,7 +312,6 @@ pub struct JobContext {
     pub(crate) own: Option<CancellationToken>,
     pub(crate) fencing: FencingToken,
     pub(crate) record: Arc<KeyRecord>,
-    pub(crate) clock: Clock,
 }
 
 impl fmt::Debug for JobContext {
@@ -345,7 +344,7 @@ impl JobContext {
     }
     /// Time left in the run's budget (`None`: no budget).
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline.remaining(self.clock.now())
+        self.deadline.remaining(self.run.clock().now())
     }
     /// Resolves when this attempt must stop.
     pub async fn cancelled(&self) {
@@ -375,15 +374,15 @@ impl JobContext {
     /// Reports progress; shown in status.
     pub fn progress(&self, done: u64, total: u64) {
         self.record.progress(done, total);
-        self.record.heartbeat(self.clock.wall_now(), None);
+        self.record.heartbeat(self.run.clock().wall_now(), None);
     }
     /// Says the job is alive, with optional details; shown in status.
     pub fn heartbeat(&self, details: Option<&str>) {
-        self.record.heartbeat(self.clock.wall_now(), details);
+        self.record.heartbeat(self.run.clock().wall_now(), details);
     }
     /// Wall time now, on the runtime's clock.
     pub fn wall_now(&self) -> SystemTime {
-        self.clock.wall_now()
+        self.run.clock().wall_now()
     }
     /// The trace id (32 hex digits) of the span the job is running in — its `job.attempt`
     /// span or a child of it — for the job's own logs. `None` without feature `otel` or when
