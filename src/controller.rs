@@ -1297,22 +1297,21 @@ impl<T: Send + Sync + 'static> Finisher<T> {
             return;
         };
         let me = self.id;
+        let inner = &self.run.inner;
         // Usually nothing is queued: the slot is removed by reference (no key to clone), and
         // dropped outside the shard lock.
-        let removed = self
-            .run
-            .inner
+        let removed = inner
             .flights
             .remove_if(&self.rk, |_, s| s.id == me && s.queued.is_none());
         let next = match removed {
             Some(_) => None,
-            None => match self.run.inner.flights.get_mut(&self.rk) {
+            None => match inner.flights.get_mut(&self.rk) {
                 Some(mut slot) if slot.id == me => {
                     // Only this run takes its queued run, and a `Replace` changes the id, so
                     // one is there.
                     slot.queued.take().and_then(|mut q| {
-                        let id = self.run.inner.next_run.fetch_add(1, Ordering::Relaxed);
-                        let run = RunHandle::new(&self.run.inner);
+                        let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                        let run = RunHandle::new(inner);
                         slot.id = id;
                         slot.span = q.span.clone();
                         slot.run = Arc::clone(&run);
@@ -1327,17 +1326,17 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         // arrives after the run has ended must start a new run, not join the finished one.
         flight.complete(result);
         self.run.end();
-        if self.run.inner.closed.load(Ordering::SeqCst) {
+        if inner.closed.load(Ordering::SeqCst) {
             // Shutdown may be waiting for the in-flight map to drain.
-            self.run.inner.drain_wake.notify_waiters();
+            inner.drain_wake.notify_waiters();
         }
         if let Some((start, id, run, span)) = next {
             start(id, run, span);
         }
         // The slot (and its reference to the record) goes before the record is looked at.
         drop(removed);
-        Inner::retire(&self.run.inner, &self.rk, &self.record);
-        self.run.inner.maybe_sweep(me);
+        Inner::retire(inner, &self.rk, &self.record);
+        inner.maybe_sweep(me);
     }
 }
 
