@@ -5,16 +5,25 @@
 //! moves to a task of its own and goes on for the followers, and because the flight stays
 //! registered until the run has ended, giving up never lets a duplicate start.
 //!
-//! The result is stored once and then broadcast. A waiter registers for the broadcast *before*
-//! looking at the result slot, so a result published between the look and the sleep still
-//! wakes it. Success is shared as one `Arc<T>` (every caller gets a pointer-equal value) and
-//! failure as one cloneable [`JobError`].
+//! The result is stored once and then broadcast. A waiter marks the flight as waited for, then
+//! (under the flight's waiter lock, after a `SeqCst` fence) looks at the result slot again
+//! before it registers its waker; the run stores the result, fences, and takes the lock to
+//! wake the registered waiters only if the flight was marked. A result published between a
+//! waiter's first look and its registration is therefore seen by the second look, and a run
+//! nobody waited for never takes the lock (no lost wake-up; `tests/loom_model.rs` checks it).
+//! Success is shared as one `Arc<T>` (every caller gets a pointer-equal value) and failure as
+//! one cloneable [`JobError`].
+//!
+//! Why not `tokio::sync::Notify`: a flight is broadcast to once, and its waiters never need
+//! `Notify`'s intrusive list, its per-waiter state machine or its batched wake-ups; a plain
+//! list of wakers costs a third of the instructions per joining caller (PERFORMANCE.md §3).
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::OnceLock;
-
-use tokio::sync::Notify;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 
 use crate::error::JobError;
 
@@ -39,7 +48,14 @@ pub type Shared<T> = Result<Arc<T>, JobError>;
 /// ```
 pub struct Flight<T> {
     result: OnceLock<Shared<T>>,
-    done: Notify,
+    /// The wakers of the callers waiting for the result, by the slot each registered in;
+    /// taken (left empty for good) by [`complete`](Self::complete). A waiter that gives up
+    /// empties its slot.
+    waiters: Mutex<Vec<Option<Waker>>>,
+    /// Set (under the lock) by the first waiter that goes to register: a run nobody waited
+    /// for (a caller-polled run that ended in its first poll, most runs) publishes without
+    /// taking the lock.
+    registered: AtomicBool,
 }
 
 impl<T> fmt::Debug for Flight<T> {
@@ -61,14 +77,28 @@ impl<T> Flight<T> {
     pub fn new() -> Self {
         Self {
             result: OnceLock::new(),
-            done: Notify::new(),
+            waiters: Mutex::new(Vec::new()),
+            registered: AtomicBool::new(false),
         }
     }
 
     /// Publishes the result and wakes every waiter. Only the first call has an effect.
     pub fn complete(&self, result: Shared<T>) {
         if self.result.set(result).is_ok() {
-            self.done.notify_waiters();
+            // Store, fence, load here; store, fence, load in `Wait::poll`: of two such
+            // sequences at least one sees the other's store. So either a waiter sees the result
+            // and does not register, or this sees `registered` and takes the lock, after which
+            // no waiter registers (each looks at the result under the lock first).
+            fence(Ordering::SeqCst);
+            if !self.registered.load(Ordering::Relaxed) {
+                return;
+            }
+            let waiters = std::mem::take(&mut *crate::lock::unpoisoned(&self.waiters));
+            if !waiters.is_empty() {
+                for w in waiters.into_iter().flatten() {
+                    w.wake();
+                }
+            }
         }
     }
 
@@ -78,18 +108,170 @@ impl<T> Flight<T> {
     }
 
     /// Waits for the result. Cancel-safe: dropping this future affects nobody else.
-    pub async fn wait(&self) -> Shared<T> {
-        if let Some(r) = self.result.get() {
-            return r.clone();
+    pub fn wait(&self) -> Wait<'_, T> {
+        Wait {
+            flight: self,
+            slot: None,
         }
-        loop {
-            let notified = self.done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(r) = self.result.get() {
-                return r.clone();
+    }
+}
+
+/// The future of [`Flight::wait`].
+#[must_use = "futures do nothing unless polled"]
+pub struct Wait<'a, T> {
+    flight: &'a Flight<T>,
+    /// Where this waiter's waker is registered, once it is.
+    slot: Option<usize>,
+}
+
+impl<T> fmt::Debug for Wait<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wait")
+            .field("registered", &self.slot.is_some())
+            .finish()
+    }
+}
+
+impl<T> Future for Wait<'_, T> {
+    type Output = Shared<T>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Shared<T>> {
+        let flight = self.flight;
+        if let Some(r) = flight.result.get() {
+            return Poll::Ready(r.clone());
+        }
+        let mut waiters = crate::lock::unpoisoned(&flight.waiters);
+        // Looked at again, under the lock and after the fence (see `complete`): either this
+        // sees the result or `complete` sees `registered` and the waker registered below.
+        flight.registered.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if let Some(r) = flight.result.get() {
+            return Poll::Ready(r.clone());
+        }
+        match self.slot {
+            Some(i) => match &mut waiters[i] {
+                Some(w) => w.clone_from(cx.waker()),
+                empty => *empty = Some(cx.waker().clone()),
+            },
+            None => {
+                waiters.push(Some(cx.waker().clone()));
+                let i = waiters.len() - 1;
+                drop(waiters);
+                self.slot = Some(i);
             }
-            notified.await;
+        }
+        Poll::Pending
+    }
+}
+
+impl<T> Drop for Wait<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(i) = self.slot
+            && self.flight.result.get().is_none()
+        {
+            // Still registered (the list is emptied for good once the result is stored).
+            if let Some(w) = crate::lock::unpoisoned(&self.flight.waiters).get_mut(i) {
+                *w = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll<T>(w: &mut Wait<'_, T>, waker: &Arc<Count>) -> Poll<Shared<T>> {
+        let waker = Waker::from(Arc::clone(waker));
+        Pin::new(w).poll(&mut Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn a_waiter_is_woken_once_with_its_latest_waker_and_a_dropped_one_never() {
+        let flight = Flight::<u32>::new();
+        let (first, second, gone) = (Arc::default(), Arc::default(), Arc::default());
+        let mut a = flight.wait();
+        let mut b = flight.wait();
+        assert!(poll(&mut a, &first).is_pending());
+        assert!(
+            poll(&mut a, &second).is_pending(),
+            "re-polled: same slot, new waker"
+        );
+        assert!(poll(&mut b, &gone).is_pending());
+        drop(b);
+        flight.complete(Ok(Arc::new(7)));
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            gone.0.load(Ordering::SeqCst),
+            0,
+            "a waiter that gave up is not woken"
+        );
+        let Poll::Ready(Ok(v)) = poll(&mut a, &second) else {
+            panic!("the result is there")
+        };
+        assert_eq!(*v, 7);
+        // Later calls: no registration, the same `Arc`; a second `complete` changes nothing.
+        flight.complete(Ok(Arc::new(8)));
+        let Poll::Ready(Ok(w)) = poll(&mut flight.wait(), &first) else {
+            panic!("the result is there")
+        };
+        assert!(Arc::ptr_eq(&v, &w));
+        assert!(crate::lock::unpoisoned(&flight.waiters).is_empty());
+    }
+
+    #[test]
+    fn many_waiters_on_many_threads_all_get_the_one_result() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .build()
+            .unwrap();
+        for _ in 0..50 {
+            let flight = Arc::new(Flight::<u64>::new());
+            let waiters: Vec<_> = (0..64)
+                .map(|i| {
+                    let f = Arc::clone(&flight);
+                    rt.spawn(async move {
+                        if i % 2 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        // Some give up at once: never woken, affecting nobody.
+                        if i % 8 == 0 {
+                            let mut w = std::pin::pin!(f.wait());
+                            let _ = futures::poll!(w.as_mut());
+                            return None;
+                        }
+                        Some(f.wait().await)
+                    })
+                })
+                .collect();
+            let f = Arc::clone(&flight);
+            rt.spawn(async move { f.complete(Ok(Arc::new(42))) });
+            let got: Vec<_> = rt.block_on(async {
+                let mut got = Vec::new();
+                for w in waiters {
+                    if let Some(r) = w.await.unwrap() {
+                        got.push(r.unwrap());
+                    }
+                }
+                got
+            });
+            assert_eq!(got.len(), 56);
+            assert!(got.iter().all(|v| Arc::ptr_eq(v, &got[0]) && **v == 42));
         }
     }
 }

@@ -10,7 +10,7 @@
 //! | `tokio::sync::Notify::notify_waiters`  | [`Notify`]: a call counter under a loom `Mutex` + loom `Condvar` |
 //! | `Notify::notified()` / `enable()`      | [`Notify::notified`] snapshots the counter: a waiter that registered before `notify_waiters` is woken, one that registers after is not |
 //! | fencing counter `AtomicU64` (Relaxed)  | loom `AtomicU64`, same ordering                     |
-//! | `Flight { OnceLock, Notify }`          | [`Flight`]: `Mutex<Option<..>>` + [`Notify`] (the mutex orders more than `OnceLock`'s Release / Acquire; the [`Notify`] model's own mutex already orders the same pairs) |
+//! | `Flight { OnceLock, Mutex<Vec<Option<Waker>>>, registered: AtomicBool }` | [`Flight`]: the `OnceLock`'s completion flag as a loom `AtomicU8` (Acquire / Release, as `Once`), the waiter list as a loom `Mutex<bool>` ("taken") + `Condvar`, `registered` as a loom `AtomicBool` (Relaxed) with loom `fence(SeqCst)`s as real |
 //! | `RunHandle { ended: AtomicBool, ended_notify: Notify }` | loom `AtomicBool` (Release / Acquire, as real) + [`Notify`] |
 //! | `RunSignal { reason: AtomicU8, token: OnceLock<CancellationToken> }` | loom `AtomicU8` (SeqCst), loom `fence(SeqCst)` as real; the `OnceLock` is its completion flag, a loom `AtomicBool` (Release / Acquire); the token is an [`Event`] |
 //! | `CancellationToken` (the run's token)  | [`Event`]: `Mutex<bool>` + [`Notify`]               |
@@ -139,6 +139,9 @@ struct Bugs {
     lock_notify_before_remove: bool,
     /// `Flight::wait`: look at the result *before* registering for the broadcast.
     flight_check_before_register: bool,
+    /// `Flight::complete` / `Wait::poll`: no `fence(SeqCst)` between the store of one side
+    /// (the result; `registered`) and the load of the other.
+    flight_without_fences: bool,
     /// `RunSignal::cancel` / `RunSignal::token`: no `fence(SeqCst)` between the store of one
     /// side and the load of the other.
     signal_without_fences: bool,
@@ -554,10 +557,19 @@ struct Output {
     dropped: bool,
 }
 
-/// `struct Flight` (src/flight.rs:40).
+/// `struct Flight` (src/flight.rs).
 struct Flight {
-    result: Mutex<Option<Arc<Output>>>, // OnceLock<Shared<T>>
-    done: Notify,
+    /// `OnceLock<Shared<T>>`: `state` is its completion flag (0 empty, 1 being set, 2 set;
+    /// set with Acquire / Release as `Once` does, read with Acquire), the value is kept
+    /// beside it in a std mutex, invisible to loom, so it adds no ordering of its own.
+    state: AtomicU8,
+    value: StdMutex<Option<Arc<Output>>>,
+    /// `waiters: Mutex<Vec<Option<Waker>>>`: here only whether the list was taken (every
+    /// waiter registered before that is woken) and a condition variable to block on.
+    waiters: Mutex<bool>,
+    woken: Condvar,
+    /// `registered: AtomicBool` (Relaxed, with the `fence(SeqCst)`s of the real code).
+    registered: AtomicBool,
     /// Identity for the checks (test bookkeeping).
     no: u64,
     /// Set (std, invisible to loom) once the result is stored: for the stale-join check.
@@ -568,62 +580,76 @@ struct Flight {
 impl Flight {
     fn new(probe: &Probe, bugs: Bugs) -> Arc<Self> {
         Arc::new(Self {
-            result: Mutex::new(None),
-            done: Notify::default(),
+            state: AtomicU8::new(0),
+            value: StdMutex::new(None),
+            waiters: Mutex::new(false),
+            woken: Condvar::new(),
+            registered: AtomicBool::new(false),
             no: probe.flights_created.fetch_add(1, StdSeqCst) as u64,
             published: StdAtomicBool::new(false),
             bugs,
         })
     }
 
-    /// src/flight.rs:69
+    /// `Flight::complete`.
     fn complete(&self, result: Arc<Output>) {
         // `self.result.set(result).is_ok()`
-        let first = {
-            let mut r = self.result.lock().unwrap();
-            if r.is_none() {
-                *r = Some(result);
-                self.published.store(true, StdSeqCst);
-                true
-            } else {
-                false
-            }
-        };
-        if first {
-            self.done.notify_waiters();
+        if self
+            .state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        *self.value.lock().unwrap() = Some(result);
+        self.published.store(true, StdSeqCst);
+        self.state.store(2, Ordering::Release);
+        if !self.bugs.flight_without_fences {
+            fence(Ordering::SeqCst);
+        }
+        if !self.registered.load(Ordering::Relaxed) {
+            return;
+        }
+        // `take(&mut *self.waiters.lock())`, then wake each.
+        *self.waiters.lock().unwrap() = true;
+        self.woken.notify_all();
+    }
+
+    /// `Flight::peek` (`OnceLock::get`).
+    fn peek(&self) -> Option<Arc<Output>> {
+        if self.state.load(Ordering::Acquire) == 2 {
+            self.value.lock().unwrap().clone()
+        } else {
+            None
         }
     }
 
-    /// src/flight.rs:76
-    fn peek(&self) -> Option<Arc<Output>> {
-        self.result.lock().unwrap().clone()
-    }
-
-    /// src/flight.rs:81
+    /// `Flight::wait` (`Wait::poll`, then blocking where the real future returns `Pending`
+    /// until its waker is woken, then `Wait::poll` again, which takes the fast path).
     fn wait(&self) -> Arc<Output> {
-        // src/flight.rs:82: the fast path.
+        // The fast path.
         if let Some(r) = self.peek() {
             return r;
         }
-        loop {
-            if self.bugs.flight_check_before_register {
-                // BUG: a `complete` between this look and the registration below is missed.
-                if let Some(r) = self.peek() {
-                    return r;
-                }
-                let mut notified = self.done.notified();
-                notified.enable();
-                notified.wait();
-                continue;
+        let mut taken = self.waiters.lock().unwrap();
+        if !self.bugs.flight_check_before_register {
+            self.registered.store(true, Ordering::Relaxed);
+            if !self.bugs.flight_without_fences {
+                fence(Ordering::SeqCst);
             }
-            // src/flight.rs:86-92
-            let mut notified = self.done.notified();
-            notified.enable();
             if let Some(r) = self.peek() {
                 return r;
             }
-            notified.wait();
+        } else {
+            // BUG: registered without marking the flight or looking again under the lock: a
+            // `complete` since the fast path's look is missed.
         }
+        // Registered (`waiters.push(Some(waker))`); woken when the list is taken.
+        while !*taken {
+            taken = self.woken.wait(taken).unwrap();
+        }
+        drop(taken);
+        self.peek().expect("woken after the result was stored")
     }
 }
 
@@ -1605,6 +1631,19 @@ fn flight_complete_wakes_every_waiter() {
     static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
     check("flight_complete_wakes_every_waiter", &ITER, || {
         flight_scenario(Bugs::default())
+    });
+}
+
+#[test]
+#[should_panic(expected = "deadlock")]
+fn broken_flight_without_fences_loses_wakeup() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        flight_without_fences: true,
+        ..Bugs::default()
+    };
+    check("broken_flight_without_fences", &ITER, move || {
+        flight_scenario(bugs)
     });
 }
 

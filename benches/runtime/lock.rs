@@ -30,6 +30,18 @@ pub(crate) fn bench(c: &mut Criterion) {
     });
     assert!(locks.is_empty());
 
+    let mut k = 0u64;
+    g.bench_function("keyed_locks_u64/try_lock+drop", |b| {
+        b.iter(|| {
+            k = (k + 1) % KEYS;
+            let key = black_box(k);
+            let guard = locks.try_lock(&key);
+            black_box(guard.as_ref().map(|g| g.token()));
+            drop(guard);
+        })
+    });
+    assert!(locks.is_empty());
+
     let map = DashMap::<u64, u64>::new();
     let mut k = 0u64;
     g.bench_function("baseline_dashmap_u64/insert+remove", |b| {
