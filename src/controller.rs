@@ -32,7 +32,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
@@ -445,6 +445,9 @@ pub(crate) struct RunHandle {
     /// a `CancellationToken`, which would cost an allocation per run.
     ended: AtomicBool,
     ended_notify: tokio::sync::Notify,
+    /// Set by a caller about to wait for the end (a replacing run, rare): a run nobody waits
+    /// for ends without taking the `Notify`'s lock.
+    awaited: AtomicBool,
 }
 
 impl fmt::Debug for RunHandle {
@@ -466,6 +469,7 @@ impl RunHandle {
             signal: RunSignal::default(),
             ended: AtomicBool::new(false),
             ended_notify: tokio::sync::Notify::new(),
+            awaited: AtomicBool::new(false),
         })
     }
 
@@ -476,7 +480,13 @@ impl RunHandle {
 
     fn end(&self) {
         self.ended.store(true, Ordering::Release);
-        self.ended_notify.notify_waiters();
+        // Store, fence, load here and in `wait_ended`: at least one side sees the other's
+        // store, so either the waiter sees `ended` or this sees `awaited` and wakes it (its
+        // `Notified` was enabled before its store).
+        fence(Ordering::SeqCst);
+        if self.awaited.load(Ordering::Relaxed) {
+            self.ended_notify.notify_waiters();
+        }
     }
 
     async fn wait_ended(&self) {
@@ -484,6 +494,8 @@ impl RunHandle {
             let n = self.ended_notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();
+            self.awaited.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
             if self.ended.load(Ordering::Acquire) {
                 return;
             }

@@ -11,7 +11,7 @@
 //! | `Notify::notified()` / `enable()`      | [`Notify::notified`] snapshots the counter: a waiter that registered before `notify_waiters` is woken, one that registers after is not |
 //! | fencing counter `AtomicU64` (Relaxed)  | loom `AtomicU64`, same ordering                     |
 //! | `Flight { OnceLock, Mutex<Vec<Option<Waker>>>, registered: AtomicBool }` | [`Flight`]: the `OnceLock`'s completion flag as a loom `AtomicU8` (Acquire / Release, as `Once`), the waiter list as a loom `Mutex<bool>` ("taken") + `Condvar`, `registered` as a loom `AtomicBool` (Relaxed) with loom `fence(SeqCst)`s as real |
-//! | `RunHandle { ended: AtomicBool, ended_notify: Notify }` | loom `AtomicBool` (Release / Acquire, as real) + [`Notify`] |
+//! | `RunHandle { ended: AtomicBool, ended_notify: Notify, awaited: AtomicBool }` | loom `AtomicBool` (Release / Acquire, as real) + [`Notify`] + loom `AtomicBool` (Relaxed) with loom `fence(SeqCst)`s as real |
 //! | `RunSignal { reason: AtomicU8, token: OnceLock<CancellationToken> }` | loom `AtomicU8` (SeqCst), loom `fence(SeqCst)` as real; the `OnceLock` is its completion flag, a loom `AtomicBool` (Release / Acquire); the token is an [`Event`] |
 //! | `CancellationToken` (the run's token)  | [`Event`]: `Mutex<bool>` + [`Notify`]               |
 //! | the run's boxed future (`run_future`)  | [`RunFuture`], a state machine polled to its next await point ([`Cx`]) |
@@ -147,6 +147,9 @@ struct Bugs {
     signal_without_fences: bool,
     /// `RunHandle::wait_ended`: look at `ended` *before* registering for `ended_notify`.
     ended_check_before_register: bool,
+    /// `RunHandle::end` / `wait_ended`: no `fence(SeqCst)` between the store of one side
+    /// (`ended`; `awaited`) and the load of the other.
+    ended_without_fences: bool,
     /// `Finisher::finish`: remove the slot without checking that it is still this run's.
     finish_ignores_id: bool,
     /// `Finisher::finish`: look under the read lock whether the slot can go, remove it in a
@@ -823,6 +826,8 @@ struct RunHandle {
     signal: RunSignal,
     ended: AtomicBool,
     ended_notify: Notify,
+    /// Relaxed, with the real code's `fence(SeqCst)`s.
+    awaited: AtomicBool,
 }
 
 impl RunHandle {
@@ -832,6 +837,7 @@ impl RunHandle {
             signal: RunSignal::new(bugs),
             ended: AtomicBool::new(false),
             ended_notify: Notify::default(),
+            awaited: AtomicBool::new(false),
         });
         probe.runs.lock().unwrap().push(Arc::clone(&run));
         run
@@ -840,7 +846,12 @@ impl RunHandle {
     /// src/controller.rs:441
     fn end(&self) {
         self.ended.store(true, Ordering::Release);
-        self.ended_notify.notify_waiters();
+        if !self.signal.bugs.ended_without_fences {
+            fence(Ordering::SeqCst);
+        }
+        if self.awaited.load(Ordering::Relaxed) {
+            self.ended_notify.notify_waiters();
+        }
     }
 
     /// src/controller.rs:458
@@ -1333,9 +1344,13 @@ fn wait_ended(
             n.enable();
             *waiting = Some(n);
         } else {
-            // src/controller.rs:448-455
+            // src/controller.rs, `wait_ended`
             let mut n = notified_on(EndedOf(Arc::clone(prev)));
             n.enable();
+            prev.awaited.store(true, Ordering::Relaxed);
+            if !bugs.ended_without_fences {
+                fence(Ordering::SeqCst);
+            }
             if prev.ended.load(Ordering::Acquire) {
                 return Poll::Ready;
             }
@@ -2005,6 +2020,19 @@ fn broken_lead_drop_drops_run_instead_of_handing_it_off() {
     };
     check("broken_lead_drop_drops_run", &ITER, move || {
         flight_scenario_ctrl(&[C_GIVES_UP, C], LockWait::Zero, true, bugs);
+    });
+}
+
+#[test]
+#[should_panic(expected = "deadlock")]
+fn broken_wait_ended_without_fences_loses_wakeup() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        ended_without_fences: true,
+        ..Bugs::default()
+    };
+    check("broken_wait_ended_without_fences", &ITER, move || {
+        flight_scenario_ctrl(&[R, R], LockWait::Zero, true, bugs);
     });
 }
 
