@@ -413,6 +413,12 @@ impl RuntimeConfig {
         self
     }
 
+    /// Whether any policy field is overridden, for all jobs or for one (if not,
+    /// [`effective_policy`](Self::effective_policy) gives back the policy it is handed).
+    pub fn has_overrides(&self) -> bool {
+        !self.defaults.is_empty() || !self.jobs.is_empty()
+    }
+
     /// The policy a run of `job` follows: `policy`, then the global overrides, then the job's.
     pub fn effective_policy<'a>(&self, job: &str, policy: &'a JobPolicy) -> Cow<'a, JobPolicy> {
         let job_o = if self.jobs.is_empty() {

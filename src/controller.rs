@@ -569,6 +569,9 @@ struct Slot {
 
 struct Inner {
     config: RuntimeConfig,
+    /// `config` overrides some policy field (for all jobs or for one): when it does not, a
+    /// caller's policy is used as it is, without looking at the overrides per call.
+    overrides: bool,
     clock: Clock,
     locks: Arc<KeyedLocks<RunKey, RunKeyHash>>,
     flights: DashMap<RunKey, Slot, RunKeyHash>,
@@ -663,10 +666,12 @@ impl JobRuntimeController {
                 Gate::new(g.concurrency.map(|n| n.get()), g.rate),
             )
         });
+        let overrides = config.has_overrides();
         Self {
             inner: Arc::new(Inner {
                 limits: Limits::new(global, groups),
                 config,
+                overrides,
                 clock,
                 locks: Arc::new(KeyedLocks::with_hasher(RunKeyHash)),
                 flights: DashMap::with_hasher(RunKeyHash),
@@ -705,35 +710,39 @@ impl JobRuntimeController {
     /// Runs `f` for (`job`, `key`) through the pipeline and returns the shared result.
     ///
     /// `f` is called once per attempt. Dropping the returned future never cancels the run.
-    pub async fn run<T, F, Fut>(
+    pub fn run<T, F, Fut>(
         &self,
         job: &str,
         key: &str,
         policy: &JobPolicy,
         f: F,
-    ) -> Result<Arc<T>, JobError>
+    ) -> impl Future<Output = Result<Arc<T>, JobError>> + Send
     where
         T: Send + Sync + 'static,
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
-        self.start(job, key, policy, false, f).await
+        // `start`'s future itself (nothing runs before the first poll): an `async fn` here
+        // would wrap it in a second state machine holding a copy of every argument.
+        self.start(job, key, policy, false, f)
     }
 
     /// Like [`run`](Self::run), bypassing the cooldown (a manual rescan).
-    pub async fn run_forced<T, F, Fut>(
+    pub fn run_forced<T, F, Fut>(
         &self,
         job: &str,
         key: &str,
         policy: &JobPolicy,
         f: F,
-    ) -> Result<Arc<T>, JobError>
+    ) -> impl Future<Output = Result<Arc<T>, JobError>> + Send
     where
         T: Send + Sync + 'static,
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
-        self.start(job, key, policy, true, f).await
+        // `start`'s future itself (nothing runs before the first poll): an `async fn` here
+        // would wrap it in a second state machine holding a copy of every argument.
+        self.start(job, key, policy, true, f)
     }
 
     /// Runs a [`Job`] plugin for `key` under its own policy.
@@ -936,13 +945,17 @@ impl JobRuntimeController {
         {
             Box::pin(self.inner.backend_cooldown(c, job, key)).await?;
         }
-        match self.admit(job, key, None, policy, force, f)? {
-            Admitted::Join(flight) => flight.wait().await,
-            Admitted::Lead(flight, lead) => {
-                lead.await;
-                flight.wait().await
-            }
+        // Taken apart in a statement of its own: a `match` on `admit(..)?` with the awaits in
+        // its arms would keep the `Admitted` and the `?`'s temporary in the future's state
+        // across them (160 bytes of each caller's future, moved with it).
+        let (flight, lead) = match self.admit(job, key, None, policy, force, f)? {
+            Admitted::Join(flight) => (flight, None),
+            Admitted::Lead(flight, lead) => (flight, Some(lead)),
+        };
+        if let Some(lead) = lead {
+            lead.await;
         }
+        flight.wait().await
     }
 
     /// [`start`](Self::start) for a caller that polls once and spawns only what has to wait
@@ -1012,7 +1025,11 @@ impl JobRuntimeController {
         let inner = &self.inner;
         debug_assert!(pinned.is_none_or(|p| (&*p.rk.job, &*p.rk.key) == (job, key)));
         let hash = pinned.map_or_else(|| RunKey::hash_of(job, key), |p| p.rk.hash);
-        let policy = inner.config.effective_policy(job, policy);
+        let policy = if inner.overrides {
+            inner.config.effective_policy(job, policy)
+        } else {
+            Cow::Borrowed(policy)
+        };
         if let Some(g) = &policy.group
             && !inner.limits.has_group(g)
         {

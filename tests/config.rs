@@ -186,6 +186,21 @@ fn parses_every_per_job_variable() {
         "the group value is normalized"
     );
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert!(c.has_overrides(), "a per-job override counts");
+}
+
+#[test]
+fn overrides_are_seen_whether_global_or_per_job_and_absent_by_default() {
+    assert!(!RuntimeConfig::default().has_overrides());
+    assert!(!cfg(&[("JOBRT_MAX_CONCURRENCY", "4")]).has_overrides());
+    assert!(cfg(&[("JOBRT_COOLDOWN", "1s")]).has_overrides());
+    assert!(cfg(&[("JOBRT_JOB_SCAN_PRIORITY", "2")]).has_overrides());
+    let plain = JobPolicy::default();
+    let c = RuntimeConfig::default();
+    assert!(matches!(
+        c.effective_policy("scan", &plain),
+        std::borrow::Cow::Borrowed(_)
+    ));
 }
 
 /// Job names whose normalized form contains a field name still split at the right place:
