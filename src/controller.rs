@@ -564,7 +564,9 @@ struct Slot {
     run: Arc<RunHandle>,
     flight: Arc<dyn ErasedFlight>,
     record: Arc<KeyRecord>,
-    queued: Option<Queued>,
+    /// Boxed: most slots never have one, and a slot is moved out of the map at every run's
+    /// end.
+    queued: Option<Box<Queued>>,
 }
 
 struct Inner {
@@ -1121,13 +1123,13 @@ impl JobRuntimeController {
                             let flight = Arc::new(Flight::<T>::new());
                             let span = inner.run_span(&rk, None, "queued", force);
                             let start = self.starter(&rk, &policy, &slot.record, &flight, f);
-                            slot.queued = Some(Queued {
+                            slot.queued = Some(Box::new(Queued {
                                 flight: flight.clone(),
                                 start: Some(start),
                                 span,
                                 job: rk.job.clone(),
                                 key: rk.key.clone(),
-                            });
+                            }));
                             (flight, None)
                         }
                     }
