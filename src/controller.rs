@@ -423,10 +423,8 @@ pub struct Footprint {
     pub keys: usize,
     /// Slots allocated for them.
     pub key_capacity: usize,
-    /// Runs in flight.
+    /// Runs in flight (keys whose entry holds a run; they have no map of their own).
     pub flights: usize,
-    /// Slots allocated for them.
-    pub flight_capacity: usize,
     /// Locks held.
     pub locks: usize,
     /// Slots allocated for them.
@@ -556,14 +554,32 @@ struct Sweep {
     keys: AtomicUsize,
 }
 
-/// The in-flight entry of a key.
+/// A key's entry in the controller's map: its record, and its run in flight if there is one.
+///
+/// One map for both, so that a run looks its key up once at admission and once at its end:
+/// with two threads each write to a shard of a shared map costs a cache-line transfer most of
+/// the time, whatever the number of shards (PERFORMANCE.md §4).
+struct KeyEntry {
+    record: Arc<KeyRecord>,
+    slot: Option<Slot>,
+}
+
+impl KeyEntry {
+    fn new() -> Self {
+        Self {
+            record: Arc::new(KeyRecord::new()),
+            slot: None,
+        }
+    }
+}
+
+/// The run in flight of a key.
 struct Slot {
     id: u64,
     /// The run's `job.run` span, for links from the callers that join it.
     span: tracing::Span,
     run: Arc<RunHandle>,
     flight: Arc<dyn ErasedFlight>,
-    record: Arc<KeyRecord>,
     /// Boxed: most slots never have one, and a slot is moved out of the map at every run's
     /// end.
     queued: Option<Box<Queued>>,
@@ -576,8 +592,7 @@ struct Inner {
     overrides: bool,
     clock: Clock,
     locks: Arc<KeyedLocks<RunKey, RunKeyHash>>,
-    flights: DashMap<RunKey, Slot, RunKeyHash>,
-    keys: DashMap<RunKey, Arc<KeyRecord>, RunKeyHash>,
+    keys: DashMap<RunKey, KeyEntry, RunKeyHash>,
     limits: Limits,
     coord: Option<Arc<dyn Coordinator>>,
     tracker: TaskTracker,
@@ -676,7 +691,6 @@ impl JobRuntimeController {
                 overrides,
                 clock,
                 locks: Arc::new(KeyedLocks::with_hasher(RunKeyHash)),
-                flights: DashMap::with_hasher(RunKeyHash),
                 keys: DashMap::with_hasher(RunKeyHash),
                 coord,
                 tracker: TaskTracker::new(),
@@ -791,11 +805,12 @@ impl JobRuntimeController {
             key: Arc::clone(key),
         };
         let record = Arc::clone(
-            self.inner
+            &self
+                .inner
                 .keys
                 .entry(rk.clone())
-                .or_insert_with(|| Arc::new(KeyRecord::new()))
-                .value(),
+                .or_insert_with(KeyEntry::new)
+                .record,
         );
         PinnedKey { rk, record }
     }
@@ -804,8 +819,8 @@ impl JobRuntimeController {
     /// and pruned after its cooldown and retention).
     pub fn status(&self, job: &str, key: &str) -> Option<KeyStatus> {
         let rk = RunKey::new(job, key);
-        let rec = self.inner.keys.get(&rk)?;
-        Some(rec.status(&rk, Instant::now(), &self.inner.clock))
+        let e = self.inner.keys.get(&rk)?;
+        Some(e.record.status(&rk, Instant::now(), &self.inner.clock))
     }
 
     /// The status of every key with state, sorted by job and key.
@@ -815,7 +830,7 @@ impl JobRuntimeController {
             .inner
             .keys
             .iter()
-            .map(|e| e.value().status(e.key(), now, &self.inner.clock))
+            .map(|e| e.record.status(e.key(), now, &self.inner.clock))
             .collect();
         v.sort_by(|a, b| (&a.job, &a.key).cmp(&(&b.job, &b.key)));
         v
@@ -837,8 +852,7 @@ impl JobRuntimeController {
         Footprint {
             keys: i.keys.len(),
             key_capacity: i.keys.capacity(),
-            flights: i.flights.len(),
-            flight_capacity: i.flights.capacity(),
+            flights: i.keys.iter().filter(|e| e.slot.is_some()).count(),
             locks: i.locks.len(),
             lock_capacity: i.locks.capacity(),
         }
@@ -914,8 +928,10 @@ impl JobRuntimeController {
             .await
             .is_ok();
         self.inner.cancelling.store(true, Ordering::SeqCst);
-        for slot in self.inner.flights.iter() {
-            slot.run.cancel(CancelReason::Shutdown);
+        for e in self.inner.keys.iter() {
+            if let Some(slot) = &e.slot {
+                slot.run.cancel(CancelReason::Shutdown);
+            }
         }
         self.inner.drained().await;
         // Listeners get the events already queued, within the same grace.
@@ -1037,35 +1053,6 @@ impl JobRuntimeController {
         {
             return Err(inner.unknown_group(&RunKey::with_hash(hash, job, key), g));
         }
-        // A caller that joins the run in flight needs no key of its own: it looks the slot up
-        // under the shard's read lock with borrowed strings, and checks the cooldown on the
-        // slot's record (the key's). A pinned key (a trigger's) has its `RunKey` already and
-        // goes straight to the entry below, which joins the same way: one shard lock, not two.
-        if pinned.is_none()
-            && policy.overlap == Overlap::Coalesce
-            && !inner.closed.load(Ordering::Acquire)
-            && let Some(slot) = inner
-                .flights
-                .get(&Probe { hash, job, key } as &dyn KeyParts)
-        {
-            let rk = slot.key();
-            let joined = match slot.record.cooldown_remaining().filter(|_| !force) {
-                Some(remaining) => {
-                    slot.record.data().cooldown_rejections += 1;
-                    Err(cooling(rk, remaining))
-                }
-                None => downcast::<T>(&slot.flight, rk).inspect(|_| {
-                    slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
-                    inner.coalesced(rk, slot.id, &slot.span);
-                }),
-            };
-            drop(slot);
-            return match joined {
-                Ok(flight) => Ok(Admitted::Join(flight)),
-                Err(e @ JobError::CoolingDown { .. }) => Err(inner.skipped(e)),
-                Err(e) => Err(e),
-            };
-        }
         if inner.closed.load(Ordering::Acquire) {
             return Err(JobError::Cancelled {
                 job: job.into(),
@@ -1073,14 +1060,42 @@ impl JobRuntimeController {
                 reason: CancelReason::Shutdown,
             });
         }
-
+        // A caller that joins the run in flight needs no key of its own: it looks the key's
+        // entry up under the shard's read lock with borrowed strings, and checks the cooldown
+        // on the entry's record. A caller that starts a run takes the entry's `RunKey` (two
+        // reference counts instead of two string allocations) and record from the same look.
+        // A pinned key (a trigger's) has both already and goes straight to the entry below,
+        // which joins the same way: one shard lock, not two.
+        //
         // 1. cooldown (a backend's, if any, was asked before admission unless this one says
-        //    the key is cooling). A key with a record lends its `RunKey` (two reference
-        //    counts instead of two string allocations).
+        //    the key is cooling).
         let (rk, existing) = match pinned {
             Some(p) => (p.rk.clone(), Some(Arc::clone(&p.record))),
             None => match inner.keys.get(&Probe { hash, job, key } as &dyn KeyParts) {
-                Some(r) => (r.key().clone(), Some(Arc::clone(r.value()))),
+                Some(e) => {
+                    if policy.overlap == Overlap::Coalesce
+                        && let Some(slot) = &e.slot
+                    {
+                        let rk = e.key();
+                        let joined = match e.record.cooldown_remaining().filter(|_| !force) {
+                            Some(remaining) => {
+                                e.record.data().cooldown_rejections += 1;
+                                Err(cooling(rk, remaining))
+                            }
+                            None => downcast::<T>(&slot.flight, rk).inspect(|_| {
+                                e.record.coalesced.fetch_add(1, Ordering::Relaxed);
+                                inner.coalesced(rk, slot.id, &slot.span);
+                            }),
+                        };
+                        drop(e);
+                        return match joined {
+                            Ok(flight) => Ok(Admitted::Join(flight)),
+                            Err(e @ JobError::CoolingDown { .. }) => Err(inner.skipped(e)),
+                            Err(e) => Err(e),
+                        };
+                    }
+                    (e.key().clone(), Some(Arc::clone(&e.record)))
+                }
                 None => (RunKey::with_hash(hash, job, key), None),
             },
         };
@@ -1093,36 +1108,36 @@ impl JobRuntimeController {
         }
 
         // 2. in flight?
-        let (flight, launch) = match inner.flights.entry(rk.clone()) {
-            Entry::Occupied(mut o) => match policy.overlap {
-                Overlap::Skip => {
-                    return Err(inner.skipped(JobError::Busy {
-                        job: rk.job,
-                        key: rk.key,
-                    }));
-                }
-                Overlap::Coalesce => {
-                    let slot = o.get();
-                    let flight = downcast::<T>(&slot.flight, &rk)?;
-                    slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
-                    inner.coalesced(&rk, slot.id, &slot.span);
-                    (flight, None)
-                }
-                Overlap::QueueOne => {
-                    let slot = o.get_mut();
-                    match &slot.queued {
+        let (flight, launch) = match inner.keys.entry(rk.clone()) {
+            Entry::Occupied(mut o) if o.get().slot.is_some() => {
+                let KeyEntry { record, slot } = o.get_mut();
+                let slot = slot.as_mut().expect("matched a slot");
+                match policy.overlap {
+                    Overlap::Skip => {
+                        return Err(inner.skipped(JobError::Busy {
+                            job: rk.job,
+                            key: rk.key,
+                        }));
+                    }
+                    Overlap::Coalesce => {
+                        let flight = downcast::<T>(&slot.flight, &rk)?;
+                        record.coalesced.fetch_add(1, Ordering::Relaxed);
+                        inner.coalesced(&rk, slot.id, &slot.span);
+                        (flight, None)
+                    }
+                    Overlap::QueueOne => match &slot.queued {
                         Some(q) => {
                             let flight = downcast::<T>(&q.flight, &rk)?;
-                            slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
+                            record.coalesced.fetch_add(1, Ordering::Relaxed);
                             inner.coalesced(&rk, slot.id, &slot.span);
                             (flight, None)
                         }
                         None => {
                             downcast::<T>(&slot.flight, &rk)?;
-                            slot.record.coalesced.fetch_add(1, Ordering::Relaxed);
+                            record.coalesced.fetch_add(1, Ordering::Relaxed);
                             let flight = Arc::new(Flight::<T>::new());
                             let span = inner.run_span(&rk, None, "queued", force);
-                            let start = self.starter(&rk, &policy, &slot.record, &flight, f);
+                            let start = self.starter(&rk, &policy, record, &flight, f);
                             slot.queued = Some(Box::new(Queued {
                                 flight: flight.clone(),
                                 start: Some(start),
@@ -1132,58 +1147,62 @@ impl JobRuntimeController {
                             }));
                             (flight, None)
                         }
+                    },
+                    Overlap::Replace => {
+                        downcast::<T>(&slot.flight, &rk)?;
+                        slot.run.cancel(CancelReason::Replaced);
+                        let prev_ended = Arc::clone(&slot.run);
+                        let flight = Arc::new(Flight::<T>::new());
+                        let run = RunHandle::new(inner);
+                        let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                        let span = inner.run_span(&rk, Some(id), "replace", force);
+                        slot.id = id;
+                        slot.span = span.clone();
+                        slot.run = Arc::clone(&run);
+                        slot.flight = flight.clone();
+                        slot.queued = None;
+                        let record = Arc::clone(record);
+                        (
+                            flight.clone(),
+                            Some((id, run, record, flight, f, Some(prev_ended), span)),
+                        )
                     }
                 }
-                Overlap::Replace => {
-                    let slot = o.get_mut();
-                    downcast::<T>(&slot.flight, &rk)?;
-                    slot.run.cancel(CancelReason::Replaced);
-                    let prev_ended = Arc::clone(&slot.run);
-                    let flight = Arc::new(Flight::<T>::new());
-                    let run = RunHandle::new(inner);
-                    let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
-                    let span = inner.run_span(&rk, Some(id), "replace", force);
-                    slot.id = id;
-                    slot.span = span.clone();
-                    slot.run = Arc::clone(&run);
-                    slot.flight = flight.clone();
-                    slot.queued = None;
-                    let record = Arc::clone(&slot.record);
-                    (
-                        flight.clone(),
-                        Some((id, run, record, flight, f, Some(prev_ended), span)),
-                    )
-                }
-            },
-            Entry::Vacant(v) => {
-                let record = match existing {
-                    Some(r) => r,
-                    None => Arc::clone(
-                        inner
-                            .keys
-                            .entry(rk.clone())
-                            .or_insert_with(|| Arc::new(KeyRecord::new()))
-                            .value(),
-                    ),
+            }
+            entry => {
+                // No run in flight: the entry's record is the key's (it may have been made
+                // or pruned since the look above), or a new one.
+                let record = match &entry {
+                    Entry::Occupied(o) => Arc::clone(&o.get().record),
+                    Entry::Vacant(_) => existing.unwrap_or_else(|| Arc::new(KeyRecord::new())),
                 };
-                // Re-check under the in-flight entry: a run that ended since the first check has
-                // set its cooldown before removing its entry.
+                // Re-check under the entry: a run that ended since the first check has set
+                // its cooldown before taking its slot out.
                 if !force && let Some(remaining) = record.cooldown_remaining() {
                     record.data().cooldown_rejections += 1;
+                    drop(entry);
                     return Err(inner.skipped(cooling(&rk, remaining)));
                 }
                 let flight = Arc::new(Flight::<T>::new());
                 let run = RunHandle::new(inner);
                 let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                 let span = inner.run_span(&rk, Some(id), "start", force);
-                v.insert(Slot {
+                let slot = Slot {
                     id,
                     span: span.clone(),
                     run: Arc::clone(&run),
                     flight: flight.clone(),
-                    record: Arc::clone(&record),
                     queued: None,
-                });
+                };
+                match entry {
+                    Entry::Occupied(mut o) => o.get_mut().slot = Some(slot),
+                    Entry::Vacant(v) => {
+                        v.insert(KeyEntry {
+                            record: Arc::clone(&record),
+                            slot: Some(slot),
+                        });
+                    }
+                }
                 (
                     flight.clone(),
                     Some((id, run, record, flight, f, None, span)),
@@ -1329,30 +1348,30 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         };
         let me = self.id;
         let inner = &self.run.inner;
-        // Usually nothing is queued: the slot is removed by reference (no key to clone), and
-        // dropped outside the shard lock.
-        let removed = inner
-            .flights
-            .remove_if(&self.rk, |_, s| s.id == me && s.queued.is_none());
-        let next = match removed {
-            Some(_) => None,
-            None => match inner.flights.get_mut(&self.rk) {
-                Some(mut slot) if slot.id == me => {
-                    // Only this run takes its queued run, and a `Replace` changes the id, so
-                    // one is there.
-                    slot.queued.take().and_then(|mut q| {
-                        let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
-                        let run = RunHandle::new(inner);
-                        slot.id = id;
-                        slot.span = q.span.clone();
-                        slot.run = Arc::clone(&run);
-                        slot.flight = Arc::clone(&q.flight);
-                        q.start.take().map(|s| (s, id, run, q.span.clone()))
-                    })
+        // Usually nothing is queued: the slot is taken out of the key's entry (looked up by
+        // reference: no key to clone), and dropped outside the shard lock.
+        let mut removed = None;
+        let mut next = None;
+        if let Some(mut e) = inner.keys.get_mut(&self.rk)
+            && e.slot.as_ref().is_some_and(|s| s.id == me)
+        {
+            let e = &mut *e;
+            let slot = e.slot.as_mut().expect("checked");
+            match slot.queued.take() {
+                None => removed = e.slot.take(),
+                // Only this run takes its queued run, and a `Replace` changes the id, so one
+                // is there.
+                Some(mut q) => {
+                    let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
+                    let run = RunHandle::new(inner);
+                    slot.id = id;
+                    slot.span = q.span.clone();
+                    slot.run = Arc::clone(&run);
+                    slot.flight = Arc::clone(&q.flight);
+                    next = q.start.take().map(|s| (s, id, run, q.span.clone()));
                 }
-                _ => None,
-            },
-        };
+            }
+        }
         // Published only once the entry is gone (or handed to the queued run): a caller who
         // arrives after the run has ended must start a new run, not join the finished one.
         flight.complete(result);
@@ -1537,7 +1556,7 @@ impl Inner {
         let hash = RunKey::hash_of(job, key);
         self.keys
             .get(&Probe { hash, job, key } as &dyn KeyParts)
-            .is_some_and(|rec| rec.cooldown_remaining().is_some())
+            .is_some_and(|e| e.record.cooldown_remaining().is_some())
     }
 
     /// Step 1 on a shared backend: the cooldown recorded there (by any replica).
@@ -1551,8 +1570,8 @@ impl Inner {
             Ok(None) => Ok(()),
             Ok(Some(remaining)) => {
                 let rk = RunKey::new(job, key);
-                if let Some(rec) = self.keys.get(&rk) {
-                    rec.data().cooldown_rejections += 1;
+                if let Some(e) = self.keys.get(&rk) {
+                    e.record.data().cooldown_rejections += 1;
                 }
                 Err(self.skipped(cooling(&rk, remaining)))
             }
@@ -2254,7 +2273,9 @@ impl Inner {
             let ended = self.drain_wake.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            if self.flights.is_empty() {
+            // Stops at the first run in flight: with r runs left among k keys, each look reads
+            // about k / r entries, and the wake-ups as r goes down read k·ln(r) in all.
+            if !self.keys.iter().any(|e| e.slot.is_some()) {
                 if self.tracker.is_empty() {
                     return;
                 }
@@ -2321,10 +2342,11 @@ impl Inner {
         drop(rec);
         let now = Instant::now();
         // The removed entry is dropped here, after the shard lock.
-        let _removed = this.keys.remove_if(&old.key, |_, rec| {
-            std::ptr::eq(Arc::as_ptr(rec), old.record.as_ptr())
-                && Arc::strong_count(rec) == 1
-                && rec.removable(now)
+        let _removed = this.keys.remove_if(&old.key, |_, e| {
+            e.slot.is_none()
+                && std::ptr::eq(Arc::as_ptr(&e.record), old.record.as_ptr())
+                && Arc::strong_count(&e.record) == 1
+                && e.record.removable(now)
         });
     }
 
@@ -2361,17 +2383,15 @@ impl Inner {
     fn prune(&self, shrink: bool) -> usize {
         let now = Instant::now();
         let before = self.keys.len();
-        self.keys
-            .retain(|_, rec| Arc::strong_count(rec) > 1 || !rec.removable(now));
+        self.keys.retain(|_, e| {
+            e.slot.is_some() || Arc::strong_count(&e.record) > 1 || !e.record.removable(now)
+        });
         let removed = before.saturating_sub(self.keys.len());
         if !shrink {
             return removed;
         }
         if self.keys.len() * 4 < self.keys.capacity() {
             self.keys.shrink_to_fit();
-        }
-        if self.flights.len() * 4 < self.flights.capacity() {
-            self.flights.shrink_to_fit();
         }
         if self.locks.len() * 4 < self.locks.capacity() {
             self.locks.shrink_to_fit();

@@ -447,7 +447,6 @@ async fn a_million_idle_keys_cost_nothing_once_their_cooldown_has_passed() {
         assert!(results.iter().all(Result::is_ok), "batch {batch}");
         let fp = ctl.footprint();
         peak.key_capacity = peak.key_capacity.max(fp.key_capacity);
-        peak.flight_capacity = peak.flight_capacity.max(fp.flight_capacity);
         peak.lock_capacity = peak.lock_capacity.max(fp.lock_capacity);
     }
     assert!(
@@ -475,7 +474,6 @@ async fn a_million_idle_keys_cost_nothing_once_their_cooldown_has_passed() {
         fp.key_capacity < 1024 && fp.key_capacity * 1000 < peak.key_capacity,
         "key capacity shrank: {fp:?}, peak {peak:?}"
     );
-    assert!(fp.flight_capacity < 1024, "{fp:?}");
     assert!(fp.lock_capacity < 1024, "{fp:?}");
     assert!(ctl.status("bulk", "123456").is_none());
 

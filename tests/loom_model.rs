@@ -7,6 +7,7 @@
 //! | real                                   | model                                               |
 //! |----------------------------------------|-----------------------------------------------------|
 //! | `DashMap<K, V>` (one shard)            | loom `Mutex<HashMap<K, V>>` (lock set) / loom `RwLock<HashMap<K, V>>` (in-flight map): `get` == the shard's read lock, `entry` / `get_mut` / `remove_if` == its write lock |
+//! | the controller's key map (`DashMap<RunKey, KeyEntry { record, slot: Option<Slot> }>`) | the in-flight map above: a key with a run is an entry with a slot; putting a slot in an entry (`entry`) and taking it out (`get_mut` in `Finisher::finish`) are the model's insert and remove, each under the shard's write lock as in the real code (records are not modelled) |
 //! | `tokio::sync::Notify::notify_waiters`  | [`Notify`]: a call counter under a loom `Mutex` + loom `Condvar` |
 //! | `Notify::notified()` / `enable()`      | [`Notify::notified`] snapshots the counter: a waiter that registered before `notify_waiters` is woken, one that registers after is not |
 //! | fencing counter `AtomicU64` (Relaxed)  | loom `AtomicU64`, same ordering                     |
