@@ -460,7 +460,7 @@ impl fmt::Debug for RunHandle {
 impl RunHandle {
     /// Not a child of a controller-wide token: adding and removing children takes the parent's
     /// lock, which would serialise runs on distinct keys. Shutdown cancels runs through the
-    /// in-flight map instead.
+    /// key map (each key's run in flight) instead.
     fn new(inner: &Arc<Inner>) -> Arc<Self> {
         Arc::new(Self {
             inner: Arc::clone(inner),
@@ -1377,7 +1377,7 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         flight.complete(result);
         self.run.end();
         if inner.closed.load(Ordering::SeqCst) {
-            // Shutdown may be waiting for the in-flight map to drain.
+            // Shutdown may be waiting for the runs in flight to end.
             inner.drain_wake.notify_waiters();
         }
         if let Some((start, id, run, span)) = next {
