@@ -182,52 +182,36 @@ impl<T> Drop for Wait<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
+    use crate::testing::waker;
 
-    /// A waker that counts its wake-ups.
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn poll<T>(w: &mut Wait<'_, T>, waker: &Arc<Count>) -> Poll<Shared<T>> {
-        let waker = Waker::from(Arc::clone(waker));
-        Pin::new(w).poll(&mut Context::from_waker(&waker))
+    fn poll<T>(w: &mut Wait<'_, T>, waker: &Waker) -> Poll<Shared<T>> {
+        Pin::new(w).poll(&mut Context::from_waker(waker))
     }
 
     #[test]
     fn a_waiter_is_woken_once_with_its_latest_waker_and_a_dropped_one_never() {
         let flight = Flight::<u32>::new();
-        let (first, second, gone) = (Arc::default(), Arc::default(), Arc::default());
+        let ((first, w1), (second, w2), (gone, w3)) = (waker(), waker(), waker());
         let mut a = flight.wait();
         let mut b = flight.wait();
-        assert!(poll(&mut a, &first).is_pending());
+        assert!(poll(&mut a, &w1).is_pending());
         assert!(
-            poll(&mut a, &second).is_pending(),
+            poll(&mut a, &w2).is_pending(),
             "re-polled: same slot, new waker"
         );
-        assert!(poll(&mut b, &gone).is_pending());
+        assert!(poll(&mut b, &w3).is_pending());
         drop(b);
         flight.complete(Ok(Arc::new(7)));
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            gone.0.load(Ordering::SeqCst),
-            0,
-            "a waiter that gave up is not woken"
-        );
-        let Poll::Ready(Ok(v)) = poll(&mut a, &second) else {
+        assert_eq!(first.woken(), 0);
+        assert_eq!(second.woken(), 1);
+        assert_eq!(gone.woken(), 0, "a waiter that gave up is not woken");
+        let Poll::Ready(Ok(v)) = poll(&mut a, &w2) else {
             panic!("the result is there")
         };
         assert_eq!(*v, 7);
         // Later calls: no registration, the same `Arc`; a second `complete` changes nothing.
         flight.complete(Ok(Arc::new(8)));
-        let Poll::Ready(Ok(w)) = poll(&mut flight.wait(), &first) else {
+        let Poll::Ready(Ok(w)) = poll(&mut flight.wait(), &w1) else {
             panic!("the result is there")
         };
         assert!(Arc::ptr_eq(&v, &w));

@@ -50,6 +50,8 @@ pub mod scan;
 pub mod schedule;
 pub mod snapshot;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod time;
 
 pub use config::RuntimeConfig;

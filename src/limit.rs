@@ -577,23 +577,7 @@ impl Limits {
 mod tests {
     use super::*;
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    /// A waker that counts its wake-ups.
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn waker() -> (Arc<Count>, Waker) {
-        let c = Arc::new(Count::default());
-        (Arc::clone(&c), Waker::from(Arc::clone(&c)))
-    }
+    use crate::testing::waker;
 
     fn poll<'a>(f: &mut Pin<Box<SemAcquire<'a>>>, w: &Waker) -> Poll<SemPermit<'a>> {
         f.as_mut().poll(&mut Context::from_waker(w))
@@ -656,7 +640,7 @@ mod tests {
         let mut high = Box::pin(sem.acquire(5));
         assert!(poll(&mut high, &w).is_pending());
         drop(held);
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the waiter is woken");
+        assert_eq!(woken.woken(), 1, "the waiter is woken");
         // The permit is the waiter's already: a newcomer of any priority finds none.
         assert_eq!(sem.available_permits(), 0);
         assert!(sem.try_acquire().is_none());
@@ -703,7 +687,7 @@ mod tests {
         assert!(poll(&mut b, &wb).is_pending());
         drop(held); // handed to `a` ...
         drop(a); // ... which is dropped before it runs: `b` gets it and is woken.
-        assert_eq!(woken_b.0.load(Ordering::SeqCst), 1);
+        assert_eq!(woken_b.woken(), 1);
         assert_eq!(sem.available_permits(), 0);
         let Poll::Ready(p) = poll(&mut b, &wb) else {
             panic!("the permit went on to `b`");
@@ -728,8 +712,8 @@ mod tests {
         assert!(poll(&mut a, &w1).is_pending());
         assert!(poll(&mut a, &w2).is_pending());
         drop(held);
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.woken(), 0);
+        assert_eq!(second.woken(), 1);
         assert!(poll(&mut a, &w2).is_ready());
     }
 
