@@ -132,9 +132,27 @@ impl RunKey {
         Self::with_hash(Self::hash_of(job, key), job, key)
     }
 
+    /// SipHash (keyed per process) of `job`, a 0xFF byte, `key`: the byte never occurs in
+    /// UTF-8, so distinct pairs hash distinct strings. A short pair is copied into one buffer
+    /// and hashed in one `write` (each `write` costs the hasher its own tail handling); a
+    /// long one is written in three, which hashes the same bytes to the same value.
     fn hash_of(job: &str, key: &str) -> u64 {
-        use std::hash::BuildHasher;
-        run_key_hasher().hash_one((job, key))
+        use std::hash::{BuildHasher, Hasher};
+        let (j, k) = (job.as_bytes(), key.as_bytes());
+        let mut h = run_key_hasher().build_hasher();
+        let mut buf = [0u8; 64];
+        let n = j.len() + 1 + k.len();
+        if n <= buf.len() {
+            buf[..j.len()].copy_from_slice(j);
+            buf[j.len()] = 0xff;
+            buf[j.len() + 1..n].copy_from_slice(k);
+            h.write(&buf[..n]);
+        } else {
+            h.write(j);
+            h.write_u8(0xff);
+            h.write(k);
+        }
+        h.finish()
     }
 
     fn with_hash(hash: u64, job: &str, key: &str) -> Self {
@@ -2397,5 +2415,36 @@ impl Inner {
             self.locks.shrink_to_fit();
         }
         removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three-`write` form of [`RunKey::hash_of`], for any length.
+    fn streamed(job: &str, key: &str) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = run_key_hasher().build_hasher();
+        h.write(job.as_bytes());
+        h.write_u8(0xff);
+        h.write(key.as_bytes());
+        h.finish()
+    }
+
+    #[test]
+    fn a_key_hashes_the_same_whichever_way_it_is_written_and_pairs_do_not_run_together() {
+        for (j, k) in [
+            ("bench", "same"),
+            ("", ""),
+            ("job", &"k".repeat(62)[..]), // 64 bytes in all: one buffer
+            ("job", &"k".repeat(63)[..]), // 65: three writes
+            ("scan", &"ü".repeat(100)[..]), // long, multi-byte
+        ] {
+            assert_eq!(RunKey::hash_of(j, k), streamed(j, k), "{j:?} {k:?}");
+            assert_eq!(RunKey::new(j, k).hash, RunKey::hash_of(j, k));
+        }
+        assert_ne!(RunKey::hash_of("ab", "c"), RunKey::hash_of("a", "bc"));
+        assert_ne!(RunKey::hash_of("a", ""), RunKey::hash_of("", "a"));
     }
 }
