@@ -354,6 +354,11 @@ pub(crate) struct KeyRecord {
     /// Runs of the key that have ended (for [`Inner::retire`]: a key that ran again since it
     /// was queued is not removed).
     ended: AtomicU64,
+    /// Whether `data.not_before` is set, written with it (under the lock): a key whose runs
+    /// have no cooldown (the default) is checked without taking the lock. A reader that
+    /// admits a run looks again under the key's map entry, which the ending run's
+    /// `Finisher::finish` takes after setting both, so it never misses a cooldown.
+    cooling: AtomicBool,
     data: Mutex<KeyData>,
 }
 
@@ -362,6 +367,7 @@ impl KeyRecord {
         Self {
             coalesced: AtomicU64::new(0),
             ended: AtomicU64::new(0),
+            cooling: AtomicBool::new(false),
             data: Mutex::new(KeyData::default()),
         }
     }
@@ -373,6 +379,9 @@ impl KeyRecord {
 
     /// Cooldown left; reads the clock only when a cooldown was set.
     fn cooldown_remaining(&self) -> Option<Duration> {
+        if !self.cooling.load(Ordering::Acquire) {
+            return None;
+        }
         let not_before = self.data().not_before?;
         cooldown::remaining(Some(not_before), Instant::now())
     }
@@ -2003,6 +2012,9 @@ impl Inner {
         let success = result.is_ok();
         let span = cooldown.span(success);
         d.not_before = (!span.is_zero()).then(|| cooldown.not_before(ended, success));
+        record
+            .cooling
+            .store(d.not_before.is_some(), Ordering::Release);
         d.keep_until = Some(add_saturating(ended, self.config.status_retention));
         match result {
             Ok(_) => {
