@@ -126,6 +126,29 @@ fn run_key_hasher() -> &'static std::hash::RandomState {
     STATE.get_or_init(std::hash::RandomState::new)
 }
 
+/// `job` as an `Arc<str>`, shared with the last key this thread made for the same job: runs
+/// on ever new keys of one job (a scan per user) would otherwise allocate and free the job's
+/// name with each key. Per thread, so two threads never write one reference count.
+fn shared_job_name(job: &str) -> Arc<str> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.try_with(|last| {
+        let mut last = last.try_borrow_mut().ok()?;
+        match &*last {
+            Some(name) if **name == *job => Some(Arc::clone(name)),
+            _ => {
+                let name: Arc<str> = job.into();
+                *last = Some(Arc::clone(&name));
+                Some(name)
+            }
+        }
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| job.into())
+}
+
 impl RunKey {
     /// A run key.
     pub fn new(job: &str, key: &str) -> Self {
@@ -158,7 +181,7 @@ impl RunKey {
     fn with_hash(hash: u64, job: &str, key: &str) -> Self {
         Self {
             hash,
-            job: job.into(),
+            job: shared_job_name(job),
             key: key.into(),
         }
     }
@@ -2458,5 +2481,24 @@ mod tests {
         }
         assert_ne!(RunKey::hash_of("ab", "c"), RunKey::hash_of("a", "bc"));
         assert_ne!(RunKey::hash_of("a", ""), RunKey::hash_of("", "a"));
+    }
+
+    #[test]
+    fn keys_of_one_job_share_its_name_on_a_thread_and_only_there() {
+        let (a, b) = (RunKey::new("scan", "u1"), RunKey::new("scan", "u2"));
+        assert!(
+            Arc::ptr_eq(&a.job, &b.job),
+            "one allocation for the job's name"
+        );
+        let other = RunKey::new("refresh", "u1");
+        assert_eq!(&*other.job, "refresh");
+        let c = RunKey::new("scan", "u3");
+        assert_eq!(&*c.job, "scan");
+        assert!(!Arc::ptr_eq(&a.job, &c.job), "the last name only is kept");
+        let elsewhere = std::thread::spawn(|| RunKey::new("scan", "u1"))
+            .join()
+            .unwrap();
+        assert!(!Arc::ptr_eq(&elsewhere.job, &c.job), "a thread has its own");
+        assert_eq!(elsewhere, a, "equal keys whatever their allocations");
     }
 }
