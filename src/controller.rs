@@ -1132,10 +1132,8 @@ impl JobRuntimeController {
                                 e.record.data().cooldown_rejections += 1;
                                 Err(cooling(rk, remaining))
                             }
-                            None => downcast::<T>(&slot.flight, rk).inspect(|_| {
-                                e.record.coalesced.fetch_add(1, Ordering::Relaxed);
-                                inner.coalesced(rk, slot.id, &slot.span);
-                            }),
+                            None => downcast::<T>(&slot.flight, rk)
+                                .inspect(|_| inner.coalesced(rk, &e.record, slot.id, &slot.span)),
                         };
                         drop(e);
                         return match joined {
@@ -1171,15 +1169,13 @@ impl JobRuntimeController {
                     }
                     Overlap::Coalesce => {
                         let flight = downcast::<T>(&slot.flight, &rk)?;
-                        record.coalesced.fetch_add(1, Ordering::Relaxed);
-                        inner.coalesced(&rk, slot.id, &slot.span);
+                        inner.coalesced(&rk, record, slot.id, &slot.span);
                         (flight, None)
                     }
                     Overlap::QueueOne => match &slot.queued {
                         Some(q) => {
                             let flight = downcast::<T>(&q.flight, &rk)?;
-                            record.coalesced.fetch_add(1, Ordering::Relaxed);
-                            inner.coalesced(&rk, slot.id, &slot.span);
+                            inner.coalesced(&rk, record, slot.id, &slot.span);
                             (flight, None)
                         }
                         None => {
@@ -1403,10 +1399,8 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         let mut removed = None;
         let mut next = None;
         if let Some(mut e) = inner.keys.get_mut(&self.rk)
-            && e.slot.as_ref().is_some_and(|s| s.id == me)
+            && let Some(slot) = e.slot.as_mut().filter(|s| s.id == me)
         {
-            let e = &mut *e;
-            let slot = e.slot.as_mut().expect("checked");
             match slot.queued.take() {
                 None => removed = e.slot.take(),
                 // Only this run takes its queued run, and a `Replace` changes the id, so one
@@ -1707,9 +1701,10 @@ impl Inner {
         span
     }
 
-    /// A caller joined run `id`: counted, an event of the caller's span and (feature `otel`)
-    /// a link from the caller's span to the run's.
-    fn coalesced(&self, rk: &RunKey, id: u64, run_span: &tracing::Span) {
+    /// A caller joined run `id`: counted (in the key's status and the metrics), an event of
+    /// the caller's span and (feature `otel`) a link from the caller's span to the run's.
+    fn coalesced(&self, rk: &RunKey, record: &KeyRecord, id: u64, run_span: &tracing::Span) {
+        record.coalesced.fetch_add(1, Ordering::Relaxed);
         self.metrics.coalesced.add(1, &Metrics::job(&rk.job));
         tracing::debug!(
             job.name = &*rk.job,
