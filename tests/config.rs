@@ -5,6 +5,9 @@
 //! Variables are passed to `RuntimeConfig::from_env_with`; no test touches the process
 //! environment.
 
+#[path = "support/callsites.rs"]
+mod callsites;
+
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -740,6 +743,7 @@ fn unknown_names_are_reported_as_warnings() {
     vars.push(("JOBRT_COOLDOWN", "30s"));
     vars.push(("HOME", "/root"));
     let capture = Capture::default();
+    callsites::ask_each_time();
     let c = tracing::subscriber::with_default(capture.clone(), || cfg(&vars));
     assert_eq!(c.defaults.cooldown, Some(secs(30)));
     assert_eq!(c.warnings.len(), UNKNOWN.len(), "{:#?}", c.warnings);

@@ -2,6 +2,9 @@
 //! registrations are refused; pause / resume / manual runs; faults never stop the loop; shutdown
 //! ends within its grace with no lock held.
 
+#[path = "support/callsites.rs"]
+mod callsites;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -509,7 +512,7 @@ async fn a_timer_fire_is_the_parent_of_its_run_span() {
 
     let seen = Arc::new(Mutex::new(Vec::new()));
     let subscriber = tracing_subscriber::registry().with(Parents(Arc::clone(&seen)));
-    let _default = tracing::subscriber::set_default(subscriber);
+    let _default = callsites::scoped(subscriber);
 
     let ctl = JobRuntimeController::new(RuntimeConfig::default());
     let (quick, quick_runs) = counted("quick", ok);

@@ -10,6 +10,8 @@
 
 #![cfg(feature = "otel")]
 
+#[path = "support/callsites.rs"]
+mod callsites;
 #[path = "support/otlp.rs"]
 mod otlp;
 
@@ -99,7 +101,7 @@ async fn a_scenario_arrives_as_spans_and_metrics() {
         ("OTEL_METRIC_EXPORT_INTERVAL", "100"),
     ]);
     let subscriber = tracing_subscriber::registry().with(otel.layer());
-    let _default = tracing::subscriber::set_default(subscriber);
+    let _default = callsites::scoped(subscriber);
 
     let ctl = JobRuntimeController::new(RuntimeConfig::default());
     let fast_retry = RetryPolicy::builder()
@@ -462,6 +464,7 @@ fn a_closed_collector_changes_no_result_on_either_runtime_flavour() {
             ("OTEL_BSP_SCHEDULE_DELAY", "10"),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "64"),
         ]);
+        callsites::ask_each_time();
         let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(otel.layer()));
         rt.block_on(async {
             let ctl = JobRuntimeController::new(RuntimeConfig::default());

@@ -8,6 +8,8 @@
 
 #![cfg(feature = "otel")]
 
+#[path = "support/callsites.rs"]
+mod callsites;
 #[path = "support/otlp.rs"]
 mod otlp;
 
@@ -104,7 +106,7 @@ async fn a_span_tree_arrives_with_its_structure_and_attributes() {
     ]);
     assert!(otel.is_enabled());
     let subscriber = tracing_subscriber::registry().with(otel.layer());
-    let _default = tracing::subscriber::set_default(subscriber);
+    let _default = callsites::scoped(subscriber);
 
     let request = tracing::info_span!("http.request", http.route = "/scan");
     let trigger = tracing::info_span!("job.trigger", trigger = "manual");
@@ -335,7 +337,7 @@ async fn sdk_disabled_exports_nothing() {
     ]);
     assert!(!otel.is_enabled());
     let subscriber = tracing_subscriber::registry().with(otel.layer());
-    let _default = tracing::subscriber::set_default(subscriber);
+    let _default = callsites::scoped(subscriber);
     for i in 0..10 {
         let span = tracing::info_span!("job.run", i);
         let _e = span.enter();
@@ -359,7 +361,7 @@ async fn a_sampler_that_drops_everything_still_gives_trace_ids() {
     ]);
     let subscriber = tracing_subscriber::registry().with(otel.layer());
     {
-        let _default = tracing::subscriber::set_default(subscriber);
+        let _default = callsites::scoped(subscriber);
         let root = tracing::info_span!("job.run");
         let id = telemetry::trace_id_of(&root).expect("an id for logs, sampled or not");
         let _e = root.enter();
@@ -455,7 +457,7 @@ fn closed_port(flavor: Flavor, protocol: &str) {
             .u64_counter("job_runtime.test.closed_port")
             .build();
         {
-            let _default = tracing::subscriber::set_default(subscriber);
+            let _default = callsites::scoped(subscriber);
             for i in 0..1_000_u64 {
                 let span = tracing::info_span!("job.run", i);
                 let _e = span.enter();
@@ -536,7 +538,7 @@ fn silent_collector(flavor: Flavor, protocol: &str) {
         ]);
         let subscriber = tracing_subscriber::registry().with(otel.layer());
         {
-            let _default = tracing::subscriber::set_default(subscriber);
+            let _default = callsites::scoped(subscriber);
             for i in 0..1_000_u64 {
                 let _e = tracing::info_span!("job.run", i).entered();
             }
@@ -584,7 +586,7 @@ fn drop_inside_runtime_flushes(flavor: Flavor) {
             .u64_counter("job_runtime.test.dropped_guard")
             .build();
         {
-            let _default = tracing::subscriber::set_default(subscriber);
+            let _default = callsites::scoped(subscriber);
             for i in 0..10_u64 {
                 let _e = tracing::info_span!("job.run", i).entered();
                 counter.add(1, &[]);
@@ -629,7 +631,7 @@ async fn a_full_queue_drops_and_counts_instead_of_waiting() {
     ]);
     let subscriber = tracing_subscriber::registry().with(otel.layer());
     {
-        let _default = tracing::subscriber::set_default(subscriber);
+        let _default = callsites::scoped(subscriber);
         for i in 0..1_000_u64 {
             let _e = tracing::info_span!("job.run", i).entered();
         }
