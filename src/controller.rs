@@ -54,7 +54,7 @@ use crate::flight::{Flight, Shared};
 use crate::hooks::{EventKind, Hooks, JobEvent, Listening};
 use crate::job::{Job, JobContext, JobPolicy, Overlap};
 use crate::limit::{Gate, LimitError, Limits, Permits};
-use crate::lock::{FencingToken, KeyGuard, KeyRef, KeyedLocks};
+use crate::lock::{FencingToken, LockTimeout};
 use crate::telemetry::{Metrics, attr};
 use crate::time::{Clock, Instant, add_saturating, serde_fmt};
 use tracing::Instrument;
@@ -247,8 +247,63 @@ impl fmt::Debug for RunKey {
     }
 }
 
-/// A held per-key lock from [`JobRuntimeController::try_acquire`]; released on drop.
-pub type KeyLock = KeyGuard<RunKey, RunKeyHash>;
+/// A held per-key lock from [`JobRuntimeController::try_acquire`] or
+/// [`acquire`](JobRuntimeController::acquire); released on drop.
+///
+/// It is the lock runs of the key take: while it is held, a run of the key is `Busy` (or
+/// waits, with a `lock_wait`), and while a run holds it, it cannot be taken. Its fencing token
+/// is larger than that of every earlier holder of the key, run or not.
+///
+/// ```
+/// use job_runtime::{JobRuntimeController, RuntimeConfig};
+///
+/// let ctl = JobRuntimeController::new(RuntimeConfig::default());
+/// let lock = ctl.try_acquire("report", "2024-05").expect("free");
+/// assert_eq!((lock.job(), lock.key()), ("report", "2024-05"));
+/// assert!(ctl.try_acquire("report", "2024-05").is_none());
+/// let first = lock.token();
+/// drop(lock);
+/// assert!(ctl.try_acquire("report", "2024-05").unwrap().token() > first);
+/// assert!(ctl.is_empty()); // a key that never ran keeps no state once its lock is given back
+/// ```
+#[must_use = "the lock is released as soon as it is dropped"]
+pub struct KeyLock {
+    inner: Arc<Inner>,
+    rk: RunKey,
+    token: FencingToken,
+}
+
+impl KeyLock {
+    /// This acquisition's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The job whose key is held.
+    pub fn job(&self) -> &str {
+        &self.rk.job
+    }
+
+    /// The key held.
+    pub fn key(&self) -> &str {
+        &self.rk.key
+    }
+}
+
+impl fmt::Debug for KeyLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyLock")
+            .field("key", &self.rk)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl Drop for KeyLock {
+    fn drop(&mut self) {
+        self.inner.unlock_key(&self.rk, self.token);
+    }
+}
 
 /// What a key is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -475,10 +530,9 @@ pub struct Footprint {
     pub key_capacity: usize,
     /// Runs in flight (keys whose entry holds a run; they have no map of their own).
     pub flights: usize,
-    /// Locks held.
+    /// Locks held, by runs and through [`JobRuntimeController::try_acquire`] (they are part
+    /// of the keys' entries and have no map of their own).
     pub locks: usize,
-    /// Slots allocated for them.
-    pub lock_capacity: usize,
 }
 
 /// One run: its controller, its cancellation and its end.
@@ -609,19 +663,50 @@ struct Sweep {
 /// One map for both, so that a run looks its key up once at admission and once at its end:
 /// with two threads each write to a shard of a shared map costs a cache-line transfer most of
 /// the time, whatever the number of shards (PERFORMANCE.md §4).
+///
+/// The key's lock is here too: a run takes it in the same shard lock that puts the run in the
+/// slot, and gives it back in the one that takes the run out, so a run on a free key costs no
+/// map operation for its lock at all (a map of its own cost two per run).
 struct KeyEntry {
     record: Arc<KeyRecord>,
     slot: Option<Slot>,
+    lock: Option<Held>,
 }
 
 impl KeyEntry {
     fn new() -> Self {
+        Self::with(Arc::new(KeyRecord::new()))
+    }
+
+    fn with(record: Arc<KeyRecord>) -> Self {
         Self {
-            record: Arc::new(KeyRecord::new()),
+            record,
             slot: None,
+            lock: None,
         }
     }
+
+    /// Whether the entry holds nothing but an idle record nobody else holds: it can go.
+    fn idle(&self, now: Instant) -> bool {
+        self.slot.is_none()
+            && self.lock.is_none()
+            && Arc::strong_count(&self.record) == 1
+            && self.record.removable(now)
+    }
 }
+
+/// A key's lock, held by a run or by a [`KeyLock`].
+struct Held {
+    token: FencingToken,
+    /// The run holding it, or [`MANUAL`].
+    owner: u64,
+    /// Callers waiting for it (made by the first one): woken when it is given back.
+    waiters: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// [`Held::owner`] of a lock held through [`JobRuntimeController::try_acquire`] or
+/// [`acquire`](JobRuntimeController::acquire) (run ids start at 1).
+const MANUAL: u64 = 0;
 
 /// The run in flight of a key.
 struct Slot {
@@ -641,7 +726,6 @@ struct Inner {
     /// caller's policy is used as it is, without looking at the overrides per call.
     overrides: bool,
     clock: Clock,
-    locks: Arc<KeyedLocks<RunKey, RunKeyHash>>,
     keys: DashMap<RunKey, KeyEntry, RunKeyHash>,
     limits: Limits,
     coord: Option<Arc<dyn Coordinator>>,
@@ -659,6 +743,9 @@ struct Inner {
     /// on every run (maps, limits, `sweep`) are not invalidated by each write (false
     /// sharing).
     next_run: CachePadded<AtomicU64>,
+    /// The keys' fencing tokens: one counter, so that a key's tokens increase even though its
+    /// entry (and its lock) goes when it is idle. On lines of its own, as `next_run`.
+    next_token: CachePadded<AtomicU64>,
     /// The amortised sweep's state (read by every run, written by a sweep).
     sweep: CachePadded<Sweep>,
     /// Below this many keys the amortised sweep does not run: the keys' own threads remove
@@ -740,7 +827,6 @@ impl JobRuntimeController {
                 config,
                 overrides,
                 clock,
-                locks: Arc::new(KeyedLocks::with_hasher(RunKeyHash)),
                 keys: DashMap::with_hasher(RunKeyHash),
                 coord,
                 tracker: TaskTracker::new(),
@@ -749,6 +835,7 @@ impl JobRuntimeController {
                 closed: AtomicBool::new(false),
                 cancelling: AtomicBool::new(false),
                 next_run: CachePadded::new(AtomicU64::new(1)),
+                next_token: CachePadded::new(AtomicU64::new(1)),
                 sweep: CachePadded::new(Sweep {
                     last: AtomicU64::new(0),
                     keys: AtomicUsize::new(0),
@@ -828,21 +915,30 @@ impl JobRuntimeController {
 
     /// Takes the lock of (`job`, `key`) if free — the same lock runs take. Never waits.
     pub fn try_acquire(&self, job: &str, key: &str) -> Option<KeyLock> {
-        self.inner.locks.try_acquire(RunKey::new(job, key))
+        let rk = RunKey::new(job, key);
+        let token = self.inner.try_lock_key(&rk, MANUAL)?;
+        Some(KeyLock {
+            inner: Arc::clone(&self.inner),
+            rk,
+            token,
+        })
     }
 
     /// Takes the lock of (`job`, `key`), waiting at most `wait` (zero: try once).
     pub async fn acquire(&self, job: &str, key: &str, wait: Duration) -> Result<KeyLock, JobError> {
         let rk = RunKey::new(job, key);
-        self.inner
-            .locks
-            .acquire(rk.clone(), wait)
-            .await
-            .map_err(|e| JobError::LockTimeout {
+        match self.inner.lock_key(&rk, MANUAL, wait).await {
+            Ok(token) => Ok(KeyLock {
+                inner: Arc::clone(&self.inner),
+                rk,
+                token,
+            }),
+            Err(e) => Err(JobError::LockTimeout {
                 job: rk.job,
                 key: rk.key,
                 waited: e.waited,
-            })
+            }),
+        }
     }
 
     /// The record of (`job`, `key`), made if there is none. Housekeeping keeps a record while
@@ -899,12 +995,16 @@ impl JobRuntimeController {
     /// Sizes of every per-key map.
     pub fn footprint(&self) -> Footprint {
         let i = &self.inner;
+        let (mut flights, mut locks) = (0, 0);
+        for e in i.keys.iter() {
+            flights += usize::from(e.slot.is_some());
+            locks += usize::from(e.lock.is_some());
+        }
         Footprint {
             keys: i.keys.len(),
             key_capacity: i.keys.capacity(),
-            flights: i.keys.iter().filter(|e| e.slot.is_some()).count(),
-            locks: i.locks.len(),
-            lock_capacity: i.locks.capacity(),
+            flights,
+            locks,
         }
     }
 
@@ -1158,7 +1258,7 @@ impl JobRuntimeController {
         // 2. in flight?
         let (flight, launch) = match inner.keys.entry(rk.clone()) {
             Entry::Occupied(mut o) if o.get().slot.is_some() => {
-                let KeyEntry { record, slot } = o.get_mut();
+                let KeyEntry { record, slot, .. } = o.get_mut();
                 let slot = slot.as_mut().expect("matched a slot");
                 match policy.overlap {
                     Overlap::Skip => {
@@ -1210,7 +1310,7 @@ impl JobRuntimeController {
                         let record = Arc::clone(record);
                         (
                             flight.clone(),
-                            Some((id, run, record, flight, f, Some(prev_ended), span)),
+                            Some((id, None, run, record, flight, f, Some(prev_ended), span)),
                         )
                     }
                 }
@@ -1240,24 +1340,43 @@ impl JobRuntimeController {
                     flight: flight.clone(),
                     queued: None,
                 };
-                match entry {
-                    Entry::Occupied(mut o) => o.get_mut().slot = Some(slot),
-                    Entry::Vacant(v) => {
-                        v.insert(KeyEntry {
-                            record: Arc::clone(&record),
-                            slot: Some(slot),
-                        });
-                    }
-                }
+                // 3. lock, here when the key's lock is free (usually): taken with the slot,
+                // and given back with it at the run's end. A backend's lease is taken later.
+                let mut e = match entry {
+                    Entry::Occupied(o) => o.into_ref(),
+                    Entry::Vacant(v) => v.insert(KeyEntry::with(Arc::clone(&record))),
+                };
+                e.slot = Some(slot);
+                let locked = (inner.coord.is_none() && e.lock.is_none()).then(|| {
+                    let token = inner.next_token();
+                    e.lock = Some(Held {
+                        token,
+                        owner: id,
+                        waiters: None,
+                    });
+                    token
+                });
+                drop(e);
                 (
                     flight.clone(),
-                    Some((id, run, record, flight, f, None, span)),
+                    Some((id, locked, run, record, flight, f, None, span)),
                 )
             }
         };
-        if let Some((id, run, record, flight, f, prev, span)) = launch {
+        if let Some((id, locked, run, record, flight, f, prev, span)) = launch {
             let policy = policy.into_owned();
-            let run = Inner::run_future(rk, policy, record, id, run, flight.clone(), f, prev, span);
+            let run = Inner::run_future(
+                rk,
+                policy,
+                record,
+                id,
+                locked,
+                run,
+                flight.clone(),
+                f,
+                prev,
+                span,
+            );
             let lead = Lead {
                 run: Some(run),
                 tracker: Cow::Borrowed(&inner.tracker),
@@ -1287,7 +1406,8 @@ impl JobRuntimeController {
         Box::new(move |id, run, span| {
             span.record("job.run_id", crate::telemetry::int(id));
             if let Some(inner) = inner.upgrade() {
-                let run = Inner::run_future(rk, policy, record, id, run, flight, f, None, span);
+                let run =
+                    Inner::run_future(rk, policy, record, id, None, run, flight, f, None, span);
                 inner.tracker.spawn(run);
             }
         })
@@ -1395,17 +1515,29 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         let me = self.id;
         let inner = &self.run.inner;
         // Usually nothing is queued: the slot is taken out of the key's entry (looked up by
-        // reference: no key to clone), and dropped outside the shard lock.
+        // reference: no key to clone), and dropped outside the shard lock. The run's lock, if
+        // it holds the key's, is given back in the same shard lock.
         let mut removed = None;
         let mut next = None;
-        if let Some(mut e) = inner.keys.get_mut(&self.rk)
-            && let Some(slot) = e.slot.as_mut().filter(|s| s.id == me)
-        {
-            match slot.queued.take() {
-                None => removed = e.slot.take(),
+        let mut waiters = None;
+        if let Some(mut e) = inner.keys.get_mut(&self.rk) {
+            let e = &mut *e;
+            if e.lock.as_ref().is_some_and(|h| h.owner == me) {
+                waiters = e.lock.take().and_then(|h| h.waiters);
+            }
+            match e
+                .slot
+                .as_mut()
+                .filter(|s| s.id == me)
+                .map(|s| s.queued.take())
+            {
+                // Replaced: the slot is the replacing run's.
+                None => {}
+                Some(None) => removed = e.slot.take(),
                 // Only this run takes its queued run, and a `Replace` changes the id, so one
                 // is there.
-                Some(mut q) => {
+                Some(Some(mut q)) => {
+                    let slot = e.slot.as_mut().expect("matched a slot");
                     let id = inner.next_run.fetch_add(1, Ordering::Relaxed);
                     let run = RunHandle::new(inner);
                     slot.id = id;
@@ -1415,6 +1547,9 @@ impl<T: Send + Sync + 'static> Finisher<T> {
                     next = q.start.take().map(|s| (s, id, run, q.span.clone()));
                 }
             }
+        }
+        if let Some(n) = waiters {
+            n.notify_waiters();
         }
         // Published only once the entry is gone (or handed to the queued run): a caller who
         // arrives after the run has ended must start a new run, not join the finished one.
@@ -1550,23 +1685,19 @@ impl Drop for Lead<'_> {
     }
 }
 
-/// A lock held for one run: local (taken at once, borrowing the set and the run's key; or
-/// after a wait), or a lease on a shared backend kept alive by a renew task.
-enum HeldLock<'a> {
-    Now(KeyRef<'a, RunKey, RunKeyHash>),
-    Local(KeyLock),
-    Lease {
-        lease: Lease,
-        stop_renew: CancellationToken,
-    },
+/// A lock held for one run: the key's own (in its entry, given back with the run's slot when
+/// the run ends), or a lease on a shared backend kept alive by a renew task (boxed: it is
+/// rare, and this is kept across the run's awaits).
+enum HeldLock {
+    Key(FencingToken),
+    Lease(Box<(Lease, CancellationToken)>),
 }
 
-impl HeldLock<'_> {
+impl HeldLock {
     fn token(&self) -> FencingToken {
         match self {
-            HeldLock::Now(g) => g.token(),
-            HeldLock::Local(g) => g.token(),
-            HeldLock::Lease { lease, .. } => lease.token,
+            HeldLock::Key(t) => *t,
+            HeldLock::Lease(held) => held.0.token,
         }
     }
 }
@@ -1736,6 +1867,7 @@ impl Inner {
         policy: JobPolicy,
         record: Arc<KeyRecord>,
         id: u64,
+        locked: Option<FencingToken>,
         run: Arc<RunHandle>,
         flight: Arc<Flight<T>>,
         f: F,
@@ -1768,6 +1900,7 @@ impl Inner {
                 &fin.record,
                 &fin.run,
                 id,
+                locked,
                 &f,
             ))
             .catch_unwind()
@@ -1784,21 +1917,24 @@ impl Inner {
         run.instrument(span)
     }
 
-    async fn lock<'a>(
-        &'a self,
-        rk: &'a RunKey,
+    /// Step 3 for a run that did not take its key's lock at admission (the key was locked
+    /// then, or the run replaces one, or is a queued one, or there is a backend). Boxed by its
+    /// caller, waits and all, so that every run's future stays small.
+    async fn lock(
+        &self,
+        rk: &RunKey,
         policy: &JobPolicy,
         run: &Arc<RunHandle>,
-    ) -> Result<HeldLock<'a>, JobError> {
+        id: u64,
+    ) -> Result<HeldLock, JobError> {
         match &self.coord {
             None => {
                 let r = if policy.lock_wait.is_zero() {
-                    self.locks.try_lock(rk).map(HeldLock::Now).ok_or(None)
+                    self.try_lock_key(rk, id).map(HeldLock::Key).ok_or(None)
                 } else {
-                    // Boxed, as every wait is: the run's future stays small for the usual case.
-                    Box::pin(self.locks.acquire(rk.clone(), policy.lock_wait))
+                    self.lock_key(rk, id, policy.lock_wait)
                         .await
-                        .map(HeldLock::Local)
+                        .map(HeldLock::Key)
                         .map_err(Some)
                 };
                 match r {
@@ -1814,7 +1950,95 @@ impl Inner {
                     }),
                 }
             }
-            Some(c) => Box::pin(self.lease(c, rk, policy, run)).await,
+            Some(c) => self.lease(c, rk, policy, run).await,
+        }
+    }
+
+    fn next_token(&self) -> FencingToken {
+        self.next_token.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes `rk`'s lock for `owner` (a run id, or [`MANUAL`]) if it is free; never waits. A
+    /// key with no entry gets one (a manual lock on a key that never ran): it goes again with
+    /// the lock, if nothing else is in it.
+    fn try_lock_key(&self, rk: &RunKey, owner: u64) -> Option<FencingToken> {
+        let mut e = self.keys.entry(rk.clone()).or_insert_with(KeyEntry::new);
+        if e.lock.is_some() {
+            return None;
+        }
+        let token = self.next_token();
+        e.lock = Some(Held {
+            token,
+            owner,
+            waiters: None,
+        });
+        Some(token)
+    }
+
+    /// Takes `rk`'s lock for `owner`, waiting at most `wait` (zero: try once).
+    ///
+    /// No polling: a waiter registers a notification on the held lock while holding the
+    /// entry's shard lock, and the release takes the same shard lock before it wakes the
+    /// waiters, so it cannot slip between a waiter's look and its sleep (no lost wake-up).
+    async fn lock_key(
+        &self,
+        rk: &RunKey,
+        owner: u64,
+        wait: Duration,
+    ) -> Result<FencingToken, LockTimeout> {
+        let start = Instant::now();
+        let deadline = add_saturating(start, wait);
+        loop {
+            let notified = {
+                let mut e = self.keys.entry(rk.clone()).or_insert_with(KeyEntry::new);
+                match &mut e.lock {
+                    None => {
+                        let token = self.next_token();
+                        e.lock = Some(Held {
+                            token,
+                            owner,
+                            waiters: None,
+                        });
+                        return Ok(token);
+                    }
+                    Some(held) => {
+                        if wait.is_zero() || Instant::now() >= deadline {
+                            return Err(LockTimeout {
+                                waited: start.elapsed(),
+                            });
+                        }
+                        let notify = held.waiters.get_or_insert_with(Default::default);
+                        let mut n = Box::pin(Arc::clone(notify).notified_owned());
+                        n.as_mut().enable();
+                        n
+                    }
+                }
+            };
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(LockTimeout {
+                    waited: start.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Gives back a [`KeyLock`]'s lock (token `token`), wakes its waiters, and removes the
+    /// key's entry if the lock made it and nothing else is in it. One shard lock.
+    fn unlock_key(&self, rk: &RunKey, token: FencingToken) {
+        let now = Instant::now();
+        let mut waiters = None;
+        let removed = self.keys.remove_if_mut(rk, |_, e| {
+            if e.lock.as_ref().is_none_or(|h| h.token != token) {
+                return false;
+            }
+            waiters = e.lock.take().and_then(|h| h.waiters);
+            // Only an entry no run has used (made for this lock): a run's status stays
+            // for its thread's retirement or the sweep, as without a lock.
+            e.record.ended.load(Ordering::Relaxed) == 0 && e.idle(now)
+        });
+        drop(removed);
+        if let Some(n) = waiters {
+            n.notify_waiters();
         }
     }
 
@@ -1825,7 +2049,7 @@ impl Inner {
         rk: &RunKey,
         policy: &JobPolicy,
         run: &Arc<RunHandle>,
-    ) -> Result<HeldLock<'static>, JobError> {
+    ) -> Result<HeldLock, JobError> {
         let start = Instant::now();
         let give_up = add_saturating(start, policy.lock_wait);
         loop {
@@ -1848,7 +2072,7 @@ impl Inner {
                         Arc::clone(run),
                         stop_renew.clone(),
                     );
-                    return Ok(HeldLock::Lease { lease, stop_renew });
+                    return Ok(HeldLock::Lease(Box::new((lease, stop_renew))));
                 }
                 Acquire::Held { free_in } => {
                     let now = Instant::now();
@@ -1901,11 +2125,13 @@ impl Inner {
         });
     }
 
-    async fn unlock(&self, held: HeldLock<'_>) {
+    /// Gives a lease back. The key's own lock stays held until the run's end takes its slot out
+    /// ([`Finisher::finish`]), in the same shard lock.
+    async fn unlock(&self, held: HeldLock) {
         match held {
-            HeldLock::Now(g) => drop(g),
-            HeldLock::Local(g) => drop(g),
-            HeldLock::Lease { lease, stop_renew } => {
+            HeldLock::Key(_) => {}
+            HeldLock::Lease(held) => {
+                let (lease, stop_renew) = *held;
                 stop_renew.cancel();
                 if let Some(c) = &self.coord
                     && let Err(e) = c.release(&lease).await
@@ -1926,6 +2152,7 @@ impl Inner {
         record: &Arc<KeyRecord>,
         run: &Arc<RunHandle>,
         id: u64,
+        locked: Option<FencingToken>,
         f: &F,
     ) -> Shared<T>
     where
@@ -1933,22 +2160,26 @@ impl Inner {
         F: Fn(JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, RunError>> + Send + 'static,
     {
-        // 3. lock
-        let waits = !policy.lock_wait.is_zero() || self.coord.is_some();
+        // 3. lock (usually taken at admission, with the run's slot)
+        let waits = locked.is_none() && (!policy.lock_wait.is_zero() || self.coord.is_some());
         let admitted = waits.then(Instant::now);
-        let held = match self.lock(rk, policy, run).await {
-            Ok(h) => h,
-            Err(e) => {
-                span.record("job.outcome", e.kind());
-                self.metrics.runs.add(
-                    1,
-                    &[
-                        opentelemetry::KeyValue::new(attr::JOB, Arc::clone(&rk.job)),
-                        opentelemetry::KeyValue::new(attr::OUTCOME, e.kind()),
-                    ],
-                );
-                return Err(e);
-            }
+        let held = match locked {
+            Some(token) => HeldLock::Key(token),
+            // Boxed: the rare path keeps its future out of every run's.
+            None => match Box::pin(self.lock(rk, policy, run, id)).await {
+                Ok(h) => h,
+                Err(e) => {
+                    span.record("job.outcome", e.kind());
+                    self.metrics.runs.add(
+                        1,
+                        &[
+                            opentelemetry::KeyValue::new(attr::JOB, Arc::clone(&rk.job)),
+                            opentelemetry::KeyValue::new(attr::OUTCOME, e.kind()),
+                        ],
+                    );
+                    return Err(e);
+                }
+            },
         };
         let started = Instant::now();
         let lock_wait = admitted.map_or(Duration::ZERO, |a| started - a);
@@ -2391,10 +2622,7 @@ impl Inner {
         let now = Instant::now();
         // The removed entry is dropped here, after the shard lock.
         let _removed = this.keys.remove_if(&old.key, |_, e| {
-            e.slot.is_none()
-                && std::ptr::eq(Arc::as_ptr(&e.record), old.record.as_ptr())
-                && Arc::strong_count(&e.record) == 1
-                && e.record.removable(now)
+            std::ptr::eq(Arc::as_ptr(&e.record), old.record.as_ptr()) && e.idle(now)
         });
     }
 
@@ -2431,18 +2659,13 @@ impl Inner {
     fn prune(&self, shrink: bool) -> usize {
         let now = Instant::now();
         let before = self.keys.len();
-        self.keys.retain(|_, e| {
-            e.slot.is_some() || Arc::strong_count(&e.record) > 1 || !e.record.removable(now)
-        });
+        self.keys.retain(|_, e| !e.idle(now));
         let removed = before.saturating_sub(self.keys.len());
         if !shrink {
             return removed;
         }
         if self.keys.len() * 4 < self.keys.capacity() {
             self.keys.shrink_to_fit();
-        }
-        if self.locks.len() * 4 < self.locks.capacity() {
-            self.locks.shrink_to_fit();
         }
         removed
     }

@@ -98,6 +98,193 @@ async fn ten_thousand_concurrent_callers_share_one_run_and_one_arc() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Per-key locks: `try_acquire` / `acquire` take the same lock as the key's runs
+// ---------------------------------------------------------------------------------------------
+
+/// A manual lock and the key's runs exclude each other both ways, a waiter gets the lock when
+/// it is given back (not by polling), and every holder's fencing token is larger than the one
+/// before, run or not. A key that never ran keeps no state once its lock is given back.
+#[tokio::test(start_paused = true)]
+async fn manual_locks_and_runs_take_one_lock_per_key() {
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let token_job = |ctx: JobContext| async move { Ok::<_, RunError>(ctx.fencing_token()) };
+
+    // A key that never ran: its entry exists while the lock is held, and goes with it.
+    let manual = ctl.try_acquire("j", "k").expect("free");
+    assert_eq!((manual.job(), manual.key()), ("j", "k"));
+    assert!(ctl.try_acquire("j", "k").is_none(), "held");
+    assert!(
+        ctl.try_acquire("j", "other").is_some(),
+        "other keys are free"
+    );
+    assert!(
+        ctl.try_acquire("other", "k").is_some(),
+        "other jobs' keys too"
+    );
+    assert_eq!((ctl.len(), ctl.footprint().locks), (1, 1));
+    let err = ctl.acquire("j", "k", ms(50)).await.unwrap_err();
+    assert!(
+        matches!(&err, JobError::LockTimeout { job, key, waited } if &**job == "j" && &**key == "k" && *waited == ms(50)),
+        "{err:?}"
+    );
+    assert!(
+        ctl.acquire("j", "k", Duration::ZERO).await.is_err(),
+        "zero: try once"
+    );
+
+    // A run meets the manual lock: `Busy` at once, or waits with a `lock_wait`.
+    let busy = ctl.run("j", "k", &JobPolicy::default(), token_job).await;
+    assert!(matches!(busy, Err(JobError::Busy { .. })), "{busy:?}");
+    let patient = JobPolicy::builder().lock_wait(secs(10)).build().unwrap();
+    let waiting = {
+        let (ctl, patient) = (ctl.clone(), patient.clone());
+        tokio::spawn(async move { ctl.run("j", "k", &patient, token_job).await })
+    };
+    tokio::time::sleep(secs(3)).await;
+    assert!(!waiting.is_finished(), "the run waits for the lock");
+    let t_manual = manual.token();
+    drop(manual);
+    let t_run = *within("run", secs(1), waiting).await.unwrap().unwrap();
+    assert!(t_run > t_manual, "{t_run} > {t_manual}");
+
+    // A manual caller meets a run holding the lock: none at once, or waits for the run's end.
+    let (bodies, gate) = (Arc::new(Bodies::default()), Gate::new());
+    let run = {
+        let (ctl, job) = (ctl.clone(), gated_job(&bodies, &gate));
+        tokio::spawn(async move { ctl.run("j", "k", &JobPolicy::default(), job).await })
+    };
+    yield_until("the run started", 1_000, || bodies.started() == 1).await;
+    assert!(
+        ctl.try_acquire("j", "k").is_none(),
+        "the run holds the lock"
+    );
+    assert_eq!(ctl.footprint().locks, 1);
+    let run_token = ctl.status("j", "k").unwrap().fencing_token.unwrap();
+    assert!(run_token > t_run);
+    let waiter = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move { ctl.acquire("j", "k", secs(60)).await.map(|l| l.token()) })
+    };
+    tokio::time::sleep(secs(5)).await;
+    assert!(!waiter.is_finished(), "the manual caller waits for the run");
+    gate.open();
+    assert_eq!(*within("run", secs(1), run).await.unwrap().unwrap(), 1);
+    let t_after = within("waiter", secs(1), waiter).await.unwrap().unwrap();
+    assert!(t_after > run_token, "{t_after} > {run_token}");
+
+    // Nothing held; the runs' status stays for its retention as usual, then goes.
+    let fp = ctl.footprint();
+    assert_eq!((fp.flights, fp.locks), (0, 0), "{fp:?}");
+    ctl.housekeep();
+    assert!(ctl.is_empty(), "{:?}", ctl.footprint());
+}
+
+/// Runs and manual lockers on a few keys from many tasks on a 4-worker runtime: inside each
+/// key's lock nobody else is (counted by both), and the tokens seen inside a key's lock,
+/// in the order they were held, strictly increase. Afterwards no lock, run or entry is left.
+#[test]
+fn locks_exclude_runs_and_manual_holders_across_threads() {
+    const KEYS: usize = 4;
+    const TASKS: usize = 64;
+    const ROUNDS: usize = 40;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ctl = JobRuntimeController::new(RuntimeConfig::default());
+    let inside: Arc<Vec<AtomicUsize>> = Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
+    let seen: Arc<Vec<std::sync::Mutex<Vec<u64>>>> = Arc::new(
+        (0..KEYS)
+            .map(|_| std::sync::Mutex::new(Vec::new()))
+            .collect(),
+    );
+    // Entered with the key's lock held: nobody else may be inside; the token is recorded in
+    // the order the lock was held.
+    fn enter(inside: &[AtomicUsize], seen: &[std::sync::Mutex<Vec<u64>>], k: usize, token: u64) {
+        assert_eq!(
+            inside[k].fetch_add(1, Ordering::SeqCst),
+            0,
+            "two holders of key {k}"
+        );
+        seen[k].lock().unwrap().push(token);
+    }
+    fn leave(inside: &[AtomicUsize], k: usize) {
+        inside[k].fetch_sub(1, Ordering::SeqCst);
+    }
+    let (runs, manual) = rt.block_on(async {
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let (ctl, inside, seen) = (ctl.clone(), Arc::clone(&inside), Arc::clone(&seen));
+                tokio::spawn(async move {
+                    let (mut runs, mut manual) = (0usize, 0usize);
+                    let patient = JobPolicy::builder().lock_wait(secs(60)).build().unwrap();
+                    for r in 0..ROUNDS {
+                        let k = (t + r) % KEYS;
+                        let key = k.to_string();
+                        match (t * 7 + r) % 4 {
+                            0 => {
+                                let lock = ctl.acquire("mix", &key, secs(60)).await.unwrap();
+                                enter(&inside, &seen, k, lock.token());
+                                tokio::task::yield_now().await;
+                                leave(&inside, k);
+                                manual += 1;
+                            }
+                            1 => {
+                                if let Some(lock) = ctl.try_acquire("mix", &key) {
+                                    enter(&inside, &seen, k, lock.token());
+                                    leave(&inside, k);
+                                    manual += 1;
+                                }
+                            }
+                            _ => {
+                                let (inside, seen) = (Arc::clone(&inside), Arc::clone(&seen));
+                                let res = ctl
+                                    .run("mix", &key, &patient, move |ctx: JobContext| {
+                                        let (inside, seen) =
+                                            (Arc::clone(&inside), Arc::clone(&seen));
+                                        async move {
+                                            enter(&inside, &seen, k, ctx.fencing_token());
+                                            tokio::task::yield_now().await;
+                                            leave(&inside, k);
+                                            Ok::<_, RunError>(())
+                                        }
+                                    })
+                                    .await;
+                                assert!(res.is_ok(), "{res:?}");
+                                runs += 1;
+                            }
+                        }
+                    }
+                    (runs, manual)
+                })
+            })
+            .collect();
+        let mut total = (0, 0);
+        for t in tasks {
+            let (r, m) = t.await.unwrap();
+            total = (total.0 + r, total.1 + m);
+        }
+        total
+    });
+    assert!(
+        runs > 0 && manual > 0,
+        "both kinds ran: {runs} runs, {manual} manual"
+    );
+    for (k, tokens) in seen.iter().enumerate() {
+        let tokens = tokens.lock().unwrap();
+        assert!(
+            tokens.windows(2).all(|w| w[0] < w[1]),
+            "key {k}: tokens not increasing: {tokens:?}"
+        );
+    }
+    let fp = ctl.footprint();
+    assert_eq!((fp.flights, fp.locks), (0, 0), "{fp:?}");
+    ctl.housekeep();
+    assert!(ctl.is_empty(), "{:?}", ctl.footprint());
+}
+
+// ---------------------------------------------------------------------------------------------
 // 2. Callers that give up
 // ---------------------------------------------------------------------------------------------
 
@@ -447,7 +634,6 @@ async fn a_million_idle_keys_cost_nothing_once_their_cooldown_has_passed() {
         assert!(results.iter().all(Result::is_ok), "batch {batch}");
         let fp = ctl.footprint();
         peak.key_capacity = peak.key_capacity.max(fp.key_capacity);
-        peak.lock_capacity = peak.lock_capacity.max(fp.lock_capacity);
     }
     assert!(
         Instant::now() - t0 < secs(1),
@@ -474,7 +660,6 @@ async fn a_million_idle_keys_cost_nothing_once_their_cooldown_has_passed() {
         fp.key_capacity < 1024 && fp.key_capacity * 1000 < peak.key_capacity,
         "key capacity shrank: {fp:?}, peak {peak:?}"
     );
-    assert!(fp.lock_capacity < 1024, "{fp:?}");
     assert!(ctl.status("bulk", "123456").is_none());
 
     // The controller still works afterwards.

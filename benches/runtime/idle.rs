@@ -25,8 +25,8 @@ fn live() -> isize {
 
 fn show(label: &str, f: Footprint, bytes: isize) {
     println!(
-        "idle: {label:<34} keys={:<6} key_capacity={:<6} flights={} locks={} lock_capacity={:<5} live_heap_delta={bytes} B",
-        f.keys, f.key_capacity, f.flights, f.locks, f.lock_capacity
+        "idle: {label:<34} keys={:<6} key_capacity={:<6} flights={} locks={} live_heap_delta={bytes} B",
+        f.keys, f.key_capacity, f.flights, f.locks
     );
 }
 
