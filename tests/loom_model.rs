@@ -6,11 +6,11 @@
 //!
 //! | real                                   | model                                               |
 //! |----------------------------------------|-----------------------------------------------------|
-//! | `DashMap<K, V>` (one shard)            | loom `Mutex<HashMap<K, V>>` (lock set) / loom `RwLock<HashMap<K, V>>` (in-flight map): `get` == the shard's read lock, `entry` / `get_mut` / `remove_if` == its write lock |
-//! | the controller's key map (`DashMap<RunKey, KeyEntry { record, slot: Option<Slot> }>`) | the in-flight map above: a key with a run is an entry with a slot; putting a slot in an entry (`entry`) and taking it out (`get_mut` in `Finisher::finish`) are the model's insert and remove, each under the shard's write lock as in the real code (records are not modelled) |
+//! | `DashMap<K, V>` (one shard)            | loom `Mutex<HashMap<K, V>>` (`KeyedLocks`) / loom `RwLock<HashMap<K, V>>` (the controller's key map): `get` == the shard's read lock, `entry` / `get_mut` / `remove_if` == its write lock |
+//! | the controller's key map (`DashMap<RunKey, KeyEntry { record, slot: Option<Slot>, lock: Option<Held> }>`) | [`KeyEntry`] `{ slot, lock }` in the key map above: a run on a free key puts its slot in the entry and takes the key's lock in the same write section (`admit`), and `Finisher::finish` gives both back in one (`get_mut`); a run that finds the lock held (a replacing or queued run) takes it in its pipeline (`Controller::lock`, the real `try_lock_key` / `lock_key`). Records are not modelled: the model removes an entry with neither slot nor lock where the real code leaves it to the thread's `retire` |
 //! | `tokio::sync::Notify::notify_waiters`  | [`Notify`]: a call counter under a loom `Mutex` + loom `Condvar` |
 //! | `Notify::notified()` / `enable()`      | [`Notify::notified`] snapshots the counter: a waiter that registered before `notify_waiters` is woken, one that registers after is not |
-//! | fencing counter `AtomicU64` (Relaxed)  | loom `AtomicU64`, same ordering                     |
+//! | fencing counters `AtomicU64` (Relaxed; `KeyedLocks::next`, `Inner::next_token`) | loom `AtomicU64`, same ordering |
 //! | `Flight { OnceLock, Mutex<Vec<Option<Waker>>>, registered: AtomicBool }` | [`Flight`]: the `OnceLock`'s completion flag as a loom `AtomicU8` (Acquire / Release, as `Once`), the waiter list as a loom `Mutex<bool>` ("taken") + `Condvar`, `registered` as a loom `AtomicBool` (Relaxed) with loom `fence(SeqCst)`s as real |
 //! | `RunHandle { ended: AtomicBool, ended_notify: Notify, awaited: AtomicBool }` | loom `AtomicBool` (Release / Acquire, as real) + [`Notify`] + loom `AtomicBool` (Relaxed) with loom `fence(SeqCst)`s as real |
 //! | `RunSignal { reason: AtomicU8, token: OnceLock<CancellationToken> }` | loom `AtomicU8` (SeqCst), loom `fence(SeqCst)` as real; the `OnceLock` is its completion flag, a loom `AtomicBool` (Release / Acquire); the token is an [`Event`] |
@@ -21,8 +21,12 @@
 //!
 //! Function names follow the real code (`try_acquire`, `try_lock`, `acquire`, `release`,
 //! `complete`, `wait`, `start`, `admit`, `starter`, `Lead`, `run_future`, `wait_ended`, `lock`,
-//! `unlock`, `pipeline`, `Finisher::finish`, `RunSignal::{cancel, token, cancelled}`), with the
-//! real lines cited as of commit 498f297, so the two can be compared side by side.
+//! `pipeline`, `Finisher::finish`, `RunSignal::{cancel, token, cancelled}`), with the real
+//! lines cited as of commit 498f297 (the controller's key lock, since, by name only), so the
+//! two can be compared side by side. `KeyedLocks` is still the crate's (the in-process
+//! coordinator's locks); the controller's key lock follows the same protocol in the key's
+//! entry (a waiter registers under the shard's write lock; the holder gives the lock back
+//! under it, then wakes the waiters).
 //!
 //! Checked, for every interleaving within the preemption bound:
 //! - mutual exclusion: never two holders of one key (holder count, and loom's race detector on
@@ -32,7 +36,8 @@
 //!   cancellation after release / completion / `end` / `cancel` (else every thread ends up
 //!   blocked and loom panics with "deadlock");
 //! - no lost cancellation: a cancelled run's lazily made token is cancelled too;
-//! - no leaked entry: lock map and in-flight map are empty once every thread and task is done;
+//! - no leaked entry: the lock map and the key map are empty once every thread and task is done
+//!   (no run's lock is left in a key's entry);
 //! - single-flight: each flight's body runs exactly once, never two bodies of a key at once,
 //!   every caller gets its flight's (pointer-equal) value, a caller arriving after the slot is
 //!   gone starts a new flight (both outcomes are asserted to be reached), no caller joins a
@@ -74,12 +79,11 @@
 //! (`closed`, `cancelling`, cancelling slots through the map); mixing `QueueOne` with
 //! `Replace` on one key (a replace drops the queued run, which fails its flight);
 //! `Skip` (a refusal under the write lock, no state change); `Result`s other than the model's
-//! [`Output`] (errors, panics caught by `catch_unwind`); shutdown waiting for the in-flight map
-//! to drain (a run its caller polls holds no tracker token); the coordinator (lease) lock backend. The run's `KeyRef` borrows the lock set and
-//! the key from the run future itself (a self-referential async block, which safe Rust can only
-//! write as one); the model keeps its fencing token in the run's state ([`HeldLock::Now`]) and
-//! rebuilds the borrowing `KeyRef` where the real code drops it; the lock tests use
-//! `try_lock`'s `KeyRef` as is.
+//! [`Output`] (errors, panics caught by `catch_unwind`); shutdown waiting for the key map
+//! to hold no run (a run its caller polls holds no tracker token); the coordinator (lease) lock
+//! backend; manual holders of the controller's key lock (`ctl.try_acquire` / `acquire`: the
+//! same entry and protocol as the runs' slow path, tested in `tests/controller.rs` on a
+//! multi-threaded runtime).
 //!
 //! Run: `.ci/loom.sh` (see there for the exact command and bounds).
 
@@ -162,6 +166,8 @@ struct Bugs {
     /// `Lead::drop`: drop the run instead of handing it to a tracker task (a leader giving up
     /// would cancel the run for everyone who joined it).
     lead_drop_drops_run: bool,
+    /// `Finisher::finish`: take the slot out but leave the run's lock in the key's entry.
+    finish_keeps_lock: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,21 +381,9 @@ struct KeyRef<'a> {
     token: FencingToken,
 }
 
-impl<'a> KeyRef<'a> {
+impl KeyRef<'_> {
     fn token(&self) -> FencingToken {
         self.token
-    }
-
-    /// Model only: the run keeps the token in its own state (see [`HeldLock::Now`]).
-    fn detach(self) -> FencingToken {
-        let token = self.token;
-        std::mem::forget(self);
-        token
-    }
-
-    /// Model only: the borrowing guard again, from the run's own state.
-    fn attach(locks: &'a KeyedLocks, key: &'a Key, token: FencingToken) -> Self {
-        Self { locks, key, token }
     }
 }
 
@@ -922,11 +916,36 @@ struct Slot {
     queued: Option<Queued>,
 }
 
-/// `struct Inner` (src/controller.rs:514), the parts that matter here.
+/// `struct KeyEntry` (src/controller.rs), without the record: the key's run in flight and its
+/// lock.
+#[derive(Default)]
+struct KeyEntry {
+    slot: Option<Slot>,
+    lock: Option<KeyHeld>,
+}
+
+/// `struct Held` (src/controller.rs): the key's lock, held by run `owner` (the model has no
+/// manual holders).
+struct KeyHeld {
+    /// Compared by the real `unlock_key` (a manual holder's release); the model's holders are
+    /// runs, which are told apart by `owner`.
+    #[allow(dead_code)]
+    token: FencingToken,
+    owner: u64,
+    waiters: Option<Arc<Notify>>,
+}
+
+/// `struct Inner` (src/controller.rs), the parts that matter here.
 struct Controller {
-    locks: Arc<KeyedLocks>,
-    flights: RwLock<HashMap<Key, Slot>>, // one DashMap shard
+    /// One DashMap shard of the key map. An entry goes when it has neither slot nor lock (the
+    /// real entry stays with its record until its thread retires it; records are not
+    /// modelled, and an entry with neither behaves as no entry at admission).
+    keys: RwLock<HashMap<Key, KeyEntry>>,
     next_run: AtomicU64,
+    /// `Inner::next_token`.
+    next_token: AtomicU64,
+    /// Times a run slept waiting for the key's lock (std, invisible to loom).
+    slept: StdAtomicUsize,
     /// `TaskTracker` (std mutex: bookkeeping only, the join at the end is loom-visible).
     tracker: StdMutex<Vec<thread::JoinHandle<()>>>,
     lock_wait: LockWait,
@@ -942,29 +961,17 @@ enum Admitted {
     Lead(Arc<Flight>, Lead),
 }
 
-/// `enum HeldLock` (src/controller.rs:1287), local variants.
-enum HeldLock {
-    /// `Now(KeyRef<'a, ..>)`: the `KeyRef`'s token; the borrows are the run's own `ctrl.locks`
-    /// and `key` (see the header).
-    Now(FencingToken),
-    Local(KeyGuard),
-}
-
-impl HeldLock {
-    fn token(&self) -> FencingToken {
-        match self {
-            HeldLock::Now(t) => *t,
-            HeldLock::Local(g) => g.token(),
-        }
-    }
-}
+/// `enum HeldLock` (src/controller.rs), its local variant `Key(FencingToken)`: the token of
+/// the key's lock, which stays in the key's entry until `Finisher::finish` gives it back.
+type HeldLock = FencingToken;
 
 impl Controller {
     fn new(lock_wait: LockWait, pends: bool, bugs: Bugs) -> Arc<Self> {
         Arc::new(Self {
-            locks: Arc::new(KeyedLocks::new(bugs)),
-            flights: RwLock::new(HashMap::new()),
+            keys: RwLock::new(HashMap::new()),
             next_run: AtomicU64::new(1),
+            next_token: AtomicU64::new(1),
+            slept: StdAtomicUsize::new(0),
             tracker: StdMutex::new(Vec::new()),
             lock_wait,
             pends,
@@ -1006,49 +1013,45 @@ impl Controller {
     fn admit(self: &Arc<Self>, key: Key, overlap: Overlap) -> Admitted {
         // src/controller.rs:901-924: a Coalesce caller joins under the shard's read lock.
         if overlap == Overlap::Coalesce {
-            let shard = self.flights.read().unwrap(); // inner.flights.get(&Probe { .. })
-            if let Some(slot) = shard.get(&key) {
+            let shard = self.keys.read().unwrap(); // inner.keys.get(&Probe { .. })
+            if let Some(slot) = shard.get(&key).and_then(|e| e.slot.as_ref()) {
                 let flight = Arc::clone(&slot.flight); // downcast::<T>(&slot.flight, rk)
                 self.joined(&flight);
                 drop(shard); // drop(slot)
                 return Admitted::Join(flight);
             }
         }
-        // 2. in flight? src/controller.rs:949
+        // 2. in flight? src/controller.rs, `inner.keys.entry(rk.clone())`
         let (flight, launch) = {
-            let mut shard = self.flights.write().unwrap(); // inner.flights.entry(rk.clone())
-            match shard.entry(key) {
-                Entry::Occupied(mut o) => match overlap {
-                    // src/controller.rs:957
+            let mut shard = self.keys.write().unwrap();
+            let e = shard.entry(key).or_default();
+            match e.slot.as_mut() {
+                Some(slot) => match overlap {
                     Overlap::Coalesce => {
-                        let flight = Arc::clone(&o.get().flight);
+                        let flight = Arc::clone(&slot.flight);
                         self.joined(&flight);
                         (flight, None)
                     }
-                    // src/controller.rs:964
-                    Overlap::QueueOne => {
-                        let slot = o.get_mut();
-                        match &slot.queued {
-                            Some(q) => {
-                                let flight = Arc::clone(&q.flight);
-                                self.joined(&flight);
-                                (flight, None)
-                            }
-                            None => {
-                                let flight = Flight::new(&self.probe, self.bugs);
-                                let start = self.starter(key, &flight);
-                                slot.queued = Some(Queued {
-                                    flight: Arc::clone(&flight),
-                                    start: Some(start),
-                                    probe: Arc::clone(&self.probe),
-                                });
-                                (flight, None)
-                            }
+                    Overlap::QueueOne => match &slot.queued {
+                        Some(q) => {
+                            let flight = Arc::clone(&q.flight);
+                            self.joined(&flight);
+                            (flight, None)
                         }
-                    }
-                    // src/controller.rs:990
+                        None => {
+                            let flight = Flight::new(&self.probe, self.bugs);
+                            let start = self.starter(key, &flight);
+                            slot.queued = Some(Queued {
+                                flight: Arc::clone(&flight),
+                                start: Some(start),
+                                probe: Arc::clone(&self.probe),
+                            });
+                            (flight, None)
+                        }
+                    },
+                    // The replacing run takes the lock in its pipeline, once the replaced run
+                    // has ended (and given the lock back).
                     Overlap::Replace => {
-                        let slot = o.get_mut();
                         slot.run.cancel(REPLACED);
                         let prev_ended = Arc::clone(&slot.run);
                         let flight = Flight::new(&self.probe, self.bugs);
@@ -1060,28 +1063,37 @@ impl Controller {
                         slot.queued = None;
                         (
                             Arc::clone(&flight),
-                            Some((id, run, flight, Some(prev_ended))),
+                            Some((id, None, run, flight, Some(prev_ended))),
                         )
                     }
                 },
-                // src/controller.rs:1011
-                Entry::Vacant(v) => {
+                // No run in flight: a new slot, and the key's lock with it if it is free.
+                None => {
                     let flight = Flight::new(&self.probe, self.bugs);
                     let run = RunHandle::new(&self.probe, self.bugs);
                     let id = self.next_run.fetch_add(1, Ordering::Relaxed);
-                    v.insert(Slot {
+                    e.slot = Some(Slot {
                         id,
                         run: Arc::clone(&run),
                         flight: Arc::clone(&flight),
                         queued: None,
                     });
-                    (Arc::clone(&flight), Some((id, run, flight, None)))
+                    let locked = e.lock.is_none().then(|| {
+                        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+                        e.lock = Some(KeyHeld {
+                            token,
+                            owner: id,
+                            waiters: None,
+                        });
+                        token
+                    });
+                    (Arc::clone(&flight), Some((id, locked, run, flight, None)))
                 }
             }
         }; // shard lock released
         // src/controller.rs:1046-1065
-        if let Some((id, run, f, prev)) = launch {
-            let run = Controller::run_future(self, key, id, run, f, prev);
+        if let Some((id, locked, run, f, prev)) = launch {
+            let run = Controller::run_future(self, key, id, locked, run, f, prev);
             let lead = Lead {
                 run: Some(run),
                 ctrl: Arc::clone(self), // tracker: Cow::Borrowed(&inner.tracker)
@@ -1098,7 +1110,7 @@ impl Controller {
         let flight = Arc::clone(flight);
         Box::new(move |id, run| {
             if let Some(inner) = inner.upgrade() {
-                let run = Controller::run_future(&inner, key, id, run, flight, None);
+                let run = Controller::run_future(&inner, key, id, None, run, flight, None);
                 inner.spawn(run); // inner.tracker.spawn(run)
             }
         })
@@ -1117,6 +1129,7 @@ impl Controller {
         this: &Arc<Self>,
         key: Key,
         id: u64,
+        locked: Option<FencingToken>,
         run: Arc<RunHandle>,
         flight: Arc<Flight>,
         prev_ended: Option<Arc<RunHandle>>,
@@ -1132,22 +1145,42 @@ impl Controller {
             prev_ended,
             waiting: None,
             stage: Stage::WaitPrev,
+            locked,
         }
     }
 
-    /// `Inner::lock` (src/controller.rs:1514), without a coordinator.
-    fn lock(&self, key: &Key) -> Option<HeldLock> {
-        match self.lock_wait {
-            LockWait::Zero => self.locks.try_lock(key).map(|g| HeldLock::Now(g.detach())),
-            LockWait::Wait => Some(HeldLock::Local(self.locks.acquire(*key))),
-        }
-    }
-
-    /// `Inner::unlock` (src/controller.rs:1631).
-    fn unlock(&self, key: &Key, held: HeldLock) {
-        match held {
-            HeldLock::Now(token) => drop(KeyRef::attach(&self.locks, key, token)),
-            HeldLock::Local(g) => drop(g),
+    /// `Inner::lock` without a coordinator, for a run that did not take the key's lock at
+    /// admission: `try_lock_key` / `lock_key` on the key's entry. A waiter registers for the
+    /// release under the shard's write lock, and `Finisher::finish` gives the lock back under
+    /// the same lock before it wakes the waiters (the protocol of `KeyedLocks` above).
+    fn lock(&self, key: &Key, id: u64) -> Option<HeldLock> {
+        loop {
+            let notified = {
+                let mut shard = self.keys.write().unwrap(); // inner.keys.entry(rk.clone())
+                let e = shard.entry(*key).or_default();
+                match &mut e.lock {
+                    None => {
+                        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+                        e.lock = Some(KeyHeld {
+                            token,
+                            owner: id,
+                            waiters: None,
+                        });
+                        return Some(token);
+                    }
+                    Some(held) => {
+                        if self.lock_wait == LockWait::Zero {
+                            return None; // `Busy`
+                        }
+                        let notify = held.waiters.get_or_insert_with(Default::default);
+                        let mut n = Arc::clone(notify).notified_owned();
+                        n.enable();
+                        n
+                    }
+                }
+            }; // shard lock released here
+            self.slept.fetch_add(1, StdSeqCst);
+            notified.wait();
         }
     }
 
@@ -1227,6 +1260,8 @@ struct RunFuture {
     /// The `Notified` pinned inside `wait_ended` while it is pending.
     waiting: Option<Notified<EndedOf>>,
     stage: Stage,
+    /// The key's lock, if admission took it with the slot.
+    locked: Option<FencingToken>,
 }
 
 impl RunFuture {
@@ -1244,7 +1279,10 @@ impl RunFuture {
                     self.stage = Stage::Lock;
                 }
                 // `Inner::pipeline` (src/controller.rs:1648): 3. lock
-                Stage::Lock => match ctrl.lock(&self.fin.key) {
+                Stage::Lock => match self
+                    .locked
+                    .or_else(|| ctrl.lock(&self.fin.key, self.fin.id))
+                {
                     Some(held) => {
                         self.stage = Stage::Body {
                             held,
@@ -1263,7 +1301,7 @@ impl RunFuture {
                 Stage::Body { held, entered } => {
                     if !*entered {
                         *entered = true;
-                        ctrl.probe.enter(held.token());
+                        ctrl.probe.enter(*held);
                         ctrl.probe.body_start();
                         if ctrl.pends {
                             // The attempt does not finish at its first poll: `run_attempt`
@@ -1281,11 +1319,9 @@ impl RunFuture {
                     }
                     ctrl.probe.body_end(self.fin.flight.as_ref().unwrap().no);
                     ctrl.probe.exit();
-                    let Stage::Body { held, .. } = std::mem::replace(&mut self.stage, Stage::Done)
-                    else {
-                        unreachable!()
-                    };
-                    ctrl.unlock(&self.fin.key, held); // self.unlock(held) (src/controller.rs:1710)
+                    // `self.unlock(held)` does nothing for the key's lock: `finish` gives it
+                    // back with the slot.
+                    self.stage = Stage::Done;
                     let out = self.output(false);
                     self.fin.finish(out); // src/controller.rs:1509
                     return Poll::Ready;
@@ -1312,13 +1348,12 @@ impl Drop for RunFuture {
         if std::thread::panicking() {
             return; // unwinding from a model panic: no more loom operations (see the header)
         }
-        if let Stage::Body { held, entered } = std::mem::replace(&mut self.stage, Stage::Done) {
-            let ctrl = Arc::clone(&self.fin.ctrl);
-            if entered {
-                ctrl.probe.body_dropped();
-                ctrl.probe.exit();
-            }
-            ctrl.unlock(&self.fin.key, held);
+        if let Stage::Body { entered, .. } = std::mem::replace(&mut self.stage, Stage::Done)
+            && entered
+        {
+            // The key's lock is given back by the `Finisher`'s drop, with the slot.
+            self.fin.ctrl.probe.body_dropped();
+            self.fin.ctrl.probe.exit();
         }
     }
 }
@@ -1385,58 +1420,71 @@ impl Finisher {
         }
         let me = self.id;
         let key = self.key;
-        // src/controller.rs:1174-1178
-        // `remove_if(&self.rk, |_, s| s.id == me && s.queued.is_none())`
-        let removed = if bugs.finish_check_then_remove {
-            // BUG: the look and the removal are two sections; a caller can queue in between.
-            let removable = self
-                .ctrl
-                .flights
+        // BUG variant: whether the slot can go is looked at in a section of its own.
+        let looked = bugs.finish_check_then_remove.then(|| {
+            self.ctrl
+                .keys
                 .read()
                 .unwrap()
                 .get(&key)
-                .is_some_and(|s| s.id == me && s.queued.is_none());
-            if removable {
-                self.ctrl.flights.write().unwrap().remove(&key)
+                .and_then(|e| e.slot.as_ref())
+                .is_some_and(|s| s.id == me && s.queued.is_none())
+        });
+        // src/controller.rs, `Finisher::finish`: `inner.keys.get_mut(&self.rk)`, one section.
+        let (removed, waiters, next) = {
+            let mut shard = self.ctrl.keys.write().unwrap();
+            let e = shard
+                .get_mut(&key)
+                .expect("the entry of a key with a live run is never removed");
+            // The run's lock, if it holds the key's: given back in the same section.
+            let waiters =
+                if !bugs.finish_keeps_lock && e.lock.as_ref().is_some_and(|h| h.owner == me) {
+                    e.lock.take().and_then(|h| h.waiters)
+                } else {
+                    None
+                };
+            let mine = e
+                .slot
+                .as_ref()
+                .is_some_and(|s| bugs.finish_ignores_id || s.id == me);
+            let goes = match looked {
+                Some(removable) => removable,
+                None => mine && e.slot.as_ref().is_some_and(|s| s.queued.is_none()),
+            };
+            let (removed, next) = if goes {
+                (e.slot.take(), None)
             } else {
-                None
-            }
-        } else {
-            let mut shard = self.ctrl.flights.write().unwrap();
-            let removable = shard
-                .get(&key)
-                .is_some_and(|s| (bugs.finish_ignores_id || s.id == me) && s.queued.is_none());
-            if removable { shard.remove(&key) } else { None }
-        }; // the removed slot is dropped outside the shard lock
-        let next = match removed {
-            Some(slot) => {
-                drop(slot);
-                None
-            }
-            // src/controller.rs:1181 `self.inner.flights.get_mut(&self.rk)`
-            None => {
-                let mut shard = self.ctrl.flights.write().unwrap();
-                match shard.get_mut(&key) {
-                    // src/controller.rs:1182-1194: promote the queued run.
-                    Some(slot) if slot.id == me => slot.queued.take().and_then(|mut q| {
-                        let id = self.ctrl.next_run.fetch_add(1, Ordering::Relaxed);
-                        let run = RunHandle::new(&self.ctrl.probe, bugs);
-                        slot.id = id;
-                        slot.run = Arc::clone(&run);
-                        slot.flight = Arc::clone(&q.flight);
-                        q.start.take().map(|s| (s, id, run))
-                    }),
-                    // `_ => None`. Model invariants: a live run's slot is never gone; if it is
-                    // not this run's any more, a later run (Replace) took it over.
+                match e.slot.as_mut() {
+                    // Promote the queued run.
+                    Some(slot) if slot.id == me => (
+                        None,
+                        slot.queued.take().and_then(|mut q| {
+                            let id = self.ctrl.next_run.fetch_add(1, Ordering::Relaxed);
+                            let run = RunHandle::new(&self.ctrl.probe, bugs);
+                            slot.id = id;
+                            slot.run = Arc::clone(&run);
+                            slot.flight = Arc::clone(&q.flight);
+                            q.start.take().map(|s| (s, id, run))
+                        }),
+                    ),
+                    // Model invariants: a live run's slot is never gone; if it is not this
+                    // run's any more, a later run (Replace) took it over.
                     Some(slot) => {
                         assert!(slot.id > me, "slot went back to an older run");
-                        None
+                        (None, None)
                     }
                     None => panic!("slot of a live run was removed by another run"),
                 }
+            };
+            if e.slot.is_none() && e.lock.is_none() {
+                shard.remove(&key); // stands for the thread's later `retire`
             }
-        };
-        // src/controller.rs:1200-1204
+            (removed, waiters, next)
+        }; // the removed slot is dropped outside the shard lock
+        drop(removed);
+        if let Some(n) = waiters {
+            n.notify_waiters();
+        }
         if !bugs.finish_publishes_first {
             flight.complete(result);
         }
@@ -1769,6 +1817,10 @@ fn flight_scenario_ctrl(
             );
         }
     }
+    assert!(
+        ctrl.keys.read().unwrap().values().all(|e| e.lock.is_none()),
+        "a run's lock was never given back"
+    );
     let got: Vec<_> = got.into_iter().flatten().collect();
     for (joined, value) in &got {
         assert_eq!(value.flight, *joined, "a caller got another flight's value");
@@ -1787,12 +1839,11 @@ fn flight_scenario_ctrl(
     assert_eq!(bodies.len(), created, "a flight never ran: {bodies:?}");
     assert!(bodies.values().all(|&n| n == 1), "{bodies:?}");
     assert!(
-        ctrl.flights.read().unwrap().is_empty(),
-        "in-flight slot leaked"
+        ctrl.keys.read().unwrap().is_empty(),
+        "key entry leaked (a slot or a lock left behind)"
     );
-    assert_eq!(ctrl.locks.len(), 0, "lock entry leaked");
     assert_eq!(
-        ctrl.locks.slept.load(StdSeqCst),
+        ctrl.slept.load(StdSeqCst),
         0,
         "a run waited for its own controller's lock"
     );
@@ -1970,6 +2021,19 @@ fn single_flight_replace_leader_gives_up() {
         IN_BODY.load(StdSeqCst) > 0,
         "no leader gave up inside the body"
     );
+}
+
+#[test]
+#[should_panic(expected = "a run's lock was never given back")]
+fn broken_finish_keeping_the_lock_leaks_it() {
+    static ITER: StdAtomicUsize = StdAtomicUsize::new(0);
+    let bugs = Bugs {
+        finish_keeps_lock: true,
+        ..Bugs::default()
+    };
+    check("broken_finish_keeping_the_lock", &ITER, move || {
+        flight_scenario_ctrl(&[C, C], LockWait::Zero, false, bugs);
+    });
 }
 
 #[test]
