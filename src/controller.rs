@@ -54,7 +54,7 @@ use crate::flight::{Flight, Shared};
 use crate::hooks::{EventKind, Hooks, JobEvent, Listening};
 use crate::job::{Job, JobContext, JobPolicy, Overlap};
 use crate::limit::{Gate, LimitError, Limits, Permits};
-use crate::lock::{FencingToken, LockTimeout};
+use crate::lock::{EntryLock, FencingToken, LockTimeout};
 use crate::telemetry::{Metrics, attr};
 use crate::time::{Clock, Instant, add_saturating, serde_fmt};
 use tracing::Instrument;
@@ -670,7 +670,7 @@ struct Sweep {
 struct KeyEntry {
     record: Arc<KeyRecord>,
     slot: Option<Slot>,
-    lock: Option<Held>,
+    lock: EntryLock,
 }
 
 impl KeyEntry {
@@ -682,30 +682,22 @@ impl KeyEntry {
         Self {
             record,
             slot: None,
-            lock: None,
+            lock: EntryLock::default(),
         }
     }
 
     /// Whether the entry holds nothing but an idle record nobody else holds: it can go.
     fn idle(&self, now: Instant) -> bool {
         self.slot.is_none()
-            && self.lock.is_none()
+            && !self.lock.is_held()
             && Arc::strong_count(&self.record) == 1
             && self.record.removable(now)
     }
 }
 
-/// A key's lock, held by a run or by a [`KeyLock`].
-struct Held {
-    token: FencingToken,
-    /// The run holding it, or [`MANUAL`].
-    owner: u64,
-    /// Callers waiting for it (made by the first one): woken when it is given back.
-    waiters: Option<Arc<tokio::sync::Notify>>,
-}
-
-/// [`Held::owner`] of a lock held through [`JobRuntimeController::try_acquire`] or
-/// [`acquire`](JobRuntimeController::acquire) (run ids start at 1).
+/// The owner number, in a key's [`EntryLock`], of a lock held through
+/// [`JobRuntimeController::try_acquire`] or [`acquire`](JobRuntimeController::acquire); a run
+/// holds it under its run id (they start at 1).
 const MANUAL: u64 = 0;
 
 /// The run in flight of a key.
@@ -998,7 +990,7 @@ impl JobRuntimeController {
         let (mut flights, mut locks) = (0, 0);
         for e in i.keys.iter() {
             flights += usize::from(e.slot.is_some());
-            locks += usize::from(e.lock.is_some());
+            locks += usize::from(e.lock.is_held());
         }
         Footprint {
             keys: i.keys.len(),
@@ -1347,15 +1339,11 @@ impl JobRuntimeController {
                     Entry::Vacant(v) => v.insert(KeyEntry::with(Arc::clone(&record))),
                 };
                 e.slot = Some(slot);
-                let locked = (inner.coord.is_none() && e.lock.is_none()).then(|| {
-                    let token = inner.next_token();
-                    e.lock = Some(Held {
-                        token,
-                        owner: id,
-                        waiters: None,
-                    });
-                    token
-                });
+                let locked = if inner.coord.is_none() {
+                    e.lock.try_take(id, || inner.next_token())
+                } else {
+                    None
+                };
                 drop(e);
                 (
                     flight.clone(),
@@ -1522,9 +1510,7 @@ impl<T: Send + Sync + 'static> Finisher<T> {
         let mut waiters = None;
         if let Some(mut e) = inner.keys.get_mut(&self.rk) {
             let e = &mut *e;
-            if e.lock.as_ref().is_some_and(|h| h.owner == me) {
-                waiters = e.lock.take().and_then(|h| h.waiters);
-            }
+            waiters = e.lock.release_if(|_, owner| owner == me);
             match e
                 .slot
                 .as_mut()
@@ -1548,8 +1534,8 @@ impl<T: Send + Sync + 'static> Finisher<T> {
                 }
             }
         }
-        if let Some(n) = waiters {
-            n.notify_waiters();
+        if let Some(w) = waiters {
+            w.wake();
         }
         // Published only once the entry is gone (or handed to the queued run): a caller who
         // arrives after the run has ended must start a new run, not join the finished one.
@@ -1963,23 +1949,11 @@ impl Inner {
     /// the lock, if nothing else is in it.
     fn try_lock_key(&self, rk: &RunKey, owner: u64) -> Option<FencingToken> {
         let mut e = self.keys.entry(rk.clone()).or_insert_with(KeyEntry::new);
-        if e.lock.is_some() {
-            return None;
-        }
-        let token = self.next_token();
-        e.lock = Some(Held {
-            token,
-            owner,
-            waiters: None,
-        });
-        Some(token)
+        e.lock.try_take(owner, || self.next_token())
     }
 
-    /// Takes `rk`'s lock for `owner`, waiting at most `wait` (zero: try once).
-    ///
-    /// No polling: a waiter registers a notification on the held lock while holding the
-    /// entry's shard lock, and the release takes the same shard lock before it wakes the
-    /// waiters, so it cannot slip between a waiter's look and its sleep (no lost wake-up).
+    /// Takes `rk`'s lock for `owner`, waiting at most `wait` (zero: try once), without
+    /// polling: see [`EntryLock`].
     async fn lock_key(
         &self,
         rk: &RunKey,
@@ -1991,28 +1965,19 @@ impl Inner {
         loop {
             let notified = {
                 let mut e = self.keys.entry(rk.clone()).or_insert_with(KeyEntry::new);
-                match &mut e.lock {
-                    None => {
-                        let token = self.next_token();
-                        e.lock = Some(Held {
-                            token,
-                            owner,
-                            waiters: None,
-                        });
-                        return Ok(token);
-                    }
-                    Some(held) => {
-                        if wait.is_zero() || Instant::now() >= deadline {
-                            return Err(LockTimeout {
-                                waited: start.elapsed(),
-                            });
-                        }
-                        let notify = held.waiters.get_or_insert_with(Default::default);
-                        let mut n = Box::pin(Arc::clone(notify).notified_owned());
-                        n.as_mut().enable();
-                        n
-                    }
+                if let Some(token) = e.lock.try_take(owner, || self.next_token()) {
+                    return Ok(token);
                 }
+                if wait.is_zero() || Instant::now() >= deadline {
+                    None
+                } else {
+                    e.lock.wait()
+                }
+            };
+            let Some(notified) = notified else {
+                return Err(LockTimeout {
+                    waited: start.elapsed(),
+                });
             };
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(LockTimeout {
@@ -2028,17 +1993,14 @@ impl Inner {
         let now = Instant::now();
         let mut waiters = None;
         let removed = self.keys.remove_if_mut(rk, |_, e| {
-            if e.lock.as_ref().is_none_or(|h| h.token != token) {
-                return false;
-            }
-            waiters = e.lock.take().and_then(|h| h.waiters);
+            waiters = e.lock.release_if(|t, owner| t == token && owner == MANUAL);
             // Only an entry no run has used (made for this lock): a run's status stays
             // for its thread's retirement or the sweep, as without a lock.
-            e.record.ended.load(Ordering::Relaxed) == 0 && e.idle(now)
+            waiters.is_some() && e.record.ended.load(Ordering::Relaxed) == 0 && e.idle(now)
         });
         drop(removed);
-        if let Some(n) = waiters {
-            n.notify_waiters();
+        if let Some(w) = waiters {
+            w.wake();
         }
     }
 

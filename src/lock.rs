@@ -9,9 +9,14 @@
 //! Waiting is done without polling: a waiter registers a notification on the held entry while
 //! holding the map shard's lock, so the release — which must take the same shard lock to remove
 //! the entry — cannot slip between the waiter's check and its sleep (no lost wake-up).
+//!
+//! [`KeyedLocks`] is a map of its own. The controller keeps each key's lock inside the key's
+//! entry of its own map instead (`EntryLock`, the same protocol), so that a run takes and gives
+//! back its lock in the shard locks that admit and end it.
 
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,6 +25,7 @@ use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 
 use crate::time::{Instant, add_saturating};
 
@@ -226,6 +232,88 @@ impl<K: Eq + Hash + Clone, S: BuildHasher + Clone> KeyedLocks<K, S> {
     }
 }
 
+/// A per-key lock kept inside another map's entry, for a map whose entry is locked anyway:
+/// the controller keeps each key's lock in the key's entry, beside its record and its run in
+/// flight, so that a run takes its lock in the shard lock that admits it and gives it back in
+/// the one that ends it, with no map of its own (two shard locks fewer per run than a
+/// [`KeyedLocks`]).
+///
+/// Every method is called with the entry's shard lock held, which gives the same protocol as
+/// [`KeyedLocks`]: a waiter registers ([`wait`](Self::wait)) under that lock, and
+/// [`release_if`](Self::release_if) takes the waiters out under it, to be woken with
+/// [`Waiters::wake`] once it is dropped, so a release cannot slip between a waiter's look and
+/// its sleep (no lost wake-up). A holder is told apart by its token and an owner number the
+/// caller chooses (the controller's run id).
+#[derive(Debug, Default)]
+pub(crate) struct EntryLock(Option<EntryHeld>);
+
+#[derive(Debug)]
+struct EntryHeld {
+    token: FencingToken,
+    owner: u64,
+    /// Made by the first waiter.
+    waiters: Option<Arc<Notify>>,
+}
+
+/// The callers waiting for an [`EntryLock`] that was given back (maybe none); wake them once
+/// the entry's shard lock is dropped.
+#[must_use = "the waiters sleep until woken"]
+pub(crate) struct Waiters(Option<Arc<Notify>>);
+
+impl Waiters {
+    /// Wakes every waiter; each looks at the lock again.
+    pub(crate) fn wake(self) {
+        if let Some(n) = self.0 {
+            n.notify_waiters();
+        }
+    }
+}
+
+impl EntryLock {
+    /// Whether someone holds it.
+    pub(crate) fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Takes it for `owner` if it is free, with the fencing token `next` gives.
+    pub(crate) fn try_take(
+        &mut self,
+        owner: u64,
+        next: impl FnOnce() -> FencingToken,
+    ) -> Option<FencingToken> {
+        if self.0.is_some() {
+            return None;
+        }
+        let token = next();
+        self.0 = Some(EntryHeld {
+            token,
+            owner,
+            waiters: None,
+        });
+        Some(token)
+    }
+
+    /// Registers for the release of a held lock (`None` if it is free): the returned future
+    /// is enabled, so a release after this call wakes it even before it is first polled.
+    pub(crate) fn wait(&mut self) -> Option<Pin<Box<OwnedNotified>>> {
+        let held = self.0.as_mut()?;
+        let notify = held.waiters.get_or_insert_with(Default::default);
+        let mut n = Box::pin(Arc::clone(notify).notified_owned());
+        n.as_mut().enable();
+        Some(n)
+    }
+
+    /// Gives it back if it is held and `holds(token, owner)` says by the caller; then returns
+    /// its waiters, to be woken.
+    pub(crate) fn release_if(
+        &mut self,
+        holds: impl FnOnce(FencingToken, u64) -> bool,
+    ) -> Option<Waiters> {
+        let held = self.0.take_if(|h| holds(h.token, h.owner))?;
+        Some(Waiters(held.waiters))
+    }
+}
+
 /// A held lock; released on drop.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct KeyGuard<K: Eq + Hash + Clone, S: BuildHasher + Clone = RandomState> {
@@ -317,6 +405,48 @@ mod tests {
         let t2 = waiter.await.unwrap().unwrap();
         assert!(t2 > t1);
         assert!(locks.is_empty());
+    }
+
+    /// An entry lock is taken once, given back only by its holder (owner and token), and its
+    /// waiters, registered while it is held, are woken after the release even if they had
+    /// not been polled yet.
+    #[test]
+    fn an_entry_lock_is_given_back_only_by_its_holder_and_wakes_its_waiters() {
+        use std::future::Future;
+        use std::task::{Context, Poll};
+
+        let mut next = 10;
+        let mut token = || {
+            next += 1;
+            next
+        };
+        let mut lock = EntryLock::default();
+        assert!(lock.wait().is_none(), "nothing to wait for while free");
+        let t = lock.try_take(7, &mut token).expect("free");
+        assert!(lock.is_held());
+        assert!(lock.try_take(8, &mut token).is_none(), "held");
+        let mut waiter = lock.wait().expect("held");
+        let (count, waker) = crate::testing::waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        assert!(
+            lock.release_if(|_, owner| owner == 8).is_none(),
+            "not the holder"
+        );
+        assert!(
+            lock.release_if(|tk, _| tk == t + 1).is_none(),
+            "not its token"
+        );
+        assert!(lock.is_held());
+        let waiters = lock
+            .release_if(|tk, owner| tk == t && owner == 7)
+            .expect("released");
+        assert!(!lock.is_held());
+        assert!(lock.release_if(|_, _| true).is_none(), "released once");
+        waiters.wake();
+        assert_eq!(count.woken(), 1, "the waiter was woken");
+        assert_eq!(waiter.as_mut().poll(&mut cx), Poll::Ready(()));
+        assert!(lock.try_take(8, &mut token).unwrap() > t, "tokens increase");
     }
 
     #[test]
