@@ -668,17 +668,15 @@ struct Sweep {
 /// slot, and gives it back in the one that takes the run out, so a run on a free key costs no
 /// map operation for its lock at all (a map of its own cost two per run).
 struct KeyEntry {
-    record: Arc<KeyRecord>,
+    /// `None` only for a key that no run has used, made for its lock (`try_acquire`): it has
+    /// no status. Always there while the key has a run.
+    record: Option<Arc<KeyRecord>>,
     slot: Option<Slot>,
     lock: EntryLock,
 }
 
 impl KeyEntry {
-    fn new() -> Self {
-        Self::with(Arc::new(KeyRecord::new()))
-    }
-
-    fn with(record: Arc<KeyRecord>) -> Self {
+    fn with(record: Option<Arc<KeyRecord>>) -> Self {
         Self {
             record,
             slot: None,
@@ -686,12 +684,20 @@ impl KeyEntry {
         }
     }
 
-    /// Whether the entry holds nothing but an idle record nobody else holds: it can go.
+    /// Whether the entry holds nothing but an idle record nobody else holds (or none): it can
+    /// go.
     fn idle(&self, now: Instant) -> bool {
         self.slot.is_none()
             && !self.lock.is_held()
-            && Arc::strong_count(&self.record) == 1
-            && self.record.removable(now)
+            && self
+                .record
+                .as_ref()
+                .is_none_or(|r| Arc::strong_count(r) == 1 && r.removable(now))
+    }
+
+    /// The record of a key with a run in flight.
+    fn running(&self) -> &Arc<KeyRecord> {
+        self.record.as_ref().expect("a key with a run has a record")
     }
 }
 
@@ -943,12 +949,12 @@ impl JobRuntimeController {
             key: Arc::clone(key),
         };
         let record = Arc::clone(
-            &self
-                .inner
+            self.inner
                 .keys
                 .entry(rk.clone())
-                .or_insert_with(KeyEntry::new)
-                .record,
+                .or_insert_with(|| KeyEntry::with(None))
+                .record
+                .get_or_insert_with(|| Arc::new(KeyRecord::new())),
         );
         PinnedKey { rk, record }
     }
@@ -958,7 +964,11 @@ impl JobRuntimeController {
     pub fn status(&self, job: &str, key: &str) -> Option<KeyStatus> {
         let rk = RunKey::new(job, key);
         let e = self.inner.keys.get(&rk)?;
-        Some(e.record.status(&rk, Instant::now(), &self.inner.clock))
+        Some(
+            e.record
+                .as_ref()?
+                .status(&rk, Instant::now(), &self.inner.clock),
+        )
     }
 
     /// The status of every key with state, sorted by job and key.
@@ -968,7 +978,7 @@ impl JobRuntimeController {
             .inner
             .keys
             .iter()
-            .map(|e| e.record.status(e.key(), now, &self.inner.clock))
+            .filter_map(|e| Some(e.record.as_ref()?.status(e.key(), now, &self.inner.clock)))
             .collect();
         v.sort_by(|a, b| (&a.job, &a.key).cmp(&(&b.job, &b.key)));
         v
@@ -1218,14 +1228,14 @@ impl JobRuntimeController {
                     if policy.overlap == Overlap::Coalesce
                         && let Some(slot) = &e.slot
                     {
-                        let rk = e.key();
-                        let joined = match e.record.cooldown_remaining().filter(|_| !force) {
+                        let (rk, record) = (e.key(), e.running());
+                        let joined = match record.cooldown_remaining().filter(|_| !force) {
                             Some(remaining) => {
-                                e.record.data().cooldown_rejections += 1;
+                                record.data().cooldown_rejections += 1;
                                 Err(cooling(rk, remaining))
                             }
                             None => downcast::<T>(&slot.flight, rk)
-                                .inspect(|_| inner.coalesced(rk, &e.record, slot.id, &slot.span)),
+                                .inspect(|_| inner.coalesced(rk, record, slot.id, &slot.span)),
                         };
                         drop(e);
                         return match joined {
@@ -1234,7 +1244,7 @@ impl JobRuntimeController {
                             Err(e) => Err(e),
                         };
                     }
-                    (e.key().clone(), Some(Arc::clone(&e.record)))
+                    (e.key().clone(), e.record.clone())
                 }
                 None => (RunKey::with_hash(hash, job, key), None),
             },
@@ -1251,6 +1261,7 @@ impl JobRuntimeController {
         let (flight, launch) = match inner.keys.entry(rk.clone()) {
             Entry::Occupied(mut o) if o.get().slot.is_some() => {
                 let KeyEntry { record, slot, .. } = o.get_mut();
+                let record = record.as_ref().expect("a key with a run has a record");
                 let slot = slot.as_mut().expect("matched a slot");
                 match policy.overlap {
                     Overlap::Skip => {
@@ -1311,9 +1322,10 @@ impl JobRuntimeController {
                 // No run in flight: the entry's record is the key's (it may have been made
                 // or pruned since the look above), or a new one.
                 let record = match &entry {
-                    Entry::Occupied(o) => Arc::clone(&o.get().record),
-                    Entry::Vacant(_) => existing.unwrap_or_else(|| Arc::new(KeyRecord::new())),
-                };
+                    Entry::Occupied(o) => o.get().record.clone(),
+                    Entry::Vacant(_) => existing,
+                }
+                .unwrap_or_else(|| Arc::new(KeyRecord::new()));
                 // Re-check under the entry: a run that ended since the first check has set
                 // its cooldown before taking its slot out.
                 if !force && let Some(remaining) = record.cooldown_remaining() {
@@ -1336,8 +1348,9 @@ impl JobRuntimeController {
                 // and given back with it at the run's end. A backend's lease is taken later.
                 let mut e = match entry {
                     Entry::Occupied(o) => o.into_ref(),
-                    Entry::Vacant(v) => v.insert(KeyEntry::with(Arc::clone(&record))),
+                    Entry::Vacant(v) => v.insert(KeyEntry::with(None)),
                 };
+                e.record.get_or_insert_with(|| Arc::clone(&record));
                 e.slot = Some(slot);
                 let locked = if inner.coord.is_none() {
                     e.lock.try_take(id, || inner.next_token())
@@ -1717,7 +1730,11 @@ impl Inner {
         let hash = RunKey::hash_of(job, key);
         self.keys
             .get(&Probe { hash, job, key } as &dyn KeyParts)
-            .is_some_and(|e| e.record.cooldown_remaining().is_some())
+            .is_some_and(|e| {
+                e.record
+                    .as_ref()
+                    .is_some_and(|r| r.cooldown_remaining().is_some())
+            })
     }
 
     /// Step 1 on a shared backend: the cooldown recorded there (by any replica).
@@ -1731,8 +1748,8 @@ impl Inner {
             Ok(None) => Ok(()),
             Ok(Some(remaining)) => {
                 let rk = RunKey::new(job, key);
-                if let Some(e) = self.keys.get(&rk) {
-                    e.record.data().cooldown_rejections += 1;
+                if let Some(r) = self.keys.get(&rk).and_then(|e| e.record.clone()) {
+                    r.data().cooldown_rejections += 1;
                 }
                 Err(self.skipped(cooling(&rk, remaining)))
             }
@@ -1948,7 +1965,10 @@ impl Inner {
     /// key with no entry gets one (a manual lock on a key that never ran): it goes again with
     /// the lock, if nothing else is in it.
     fn try_lock_key(&self, rk: &RunKey, owner: u64) -> Option<FencingToken> {
-        let mut e = self.keys.entry(rk.clone()).or_insert_with(KeyEntry::new);
+        let mut e = self
+            .keys
+            .entry(rk.clone())
+            .or_insert_with(|| KeyEntry::with(None));
         e.lock.try_take(owner, || self.next_token())
     }
 
@@ -1964,7 +1984,10 @@ impl Inner {
         let deadline = add_saturating(start, wait);
         loop {
             let notified = {
-                let mut e = self.keys.entry(rk.clone()).or_insert_with(KeyEntry::new);
+                let mut e = self
+                    .keys
+                    .entry(rk.clone())
+                    .or_insert_with(|| KeyEntry::with(None));
                 if let Some(token) = e.lock.try_take(owner, || self.next_token()) {
                     return Ok(token);
                 }
@@ -1988,15 +2011,14 @@ impl Inner {
     }
 
     /// Gives back a [`KeyLock`]'s lock (token `token`), wakes its waiters, and removes the
-    /// key's entry if the lock made it and nothing else is in it. One shard lock.
+    /// key's entry if no run has used it (it was made for a lock). One shard lock.
     fn unlock_key(&self, rk: &RunKey, token: FencingToken) {
-        let now = Instant::now();
         let mut waiters = None;
         let removed = self.keys.remove_if_mut(rk, |_, e| {
             waiters = e.lock.release_if(|t, owner| t == token && owner == MANUAL);
-            // Only an entry no run has used (made for this lock): a run's status stays
-            // for its thread's retirement or the sweep, as without a lock.
-            waiters.is_some() && e.record.ended.load(Ordering::Relaxed) == 0 && e.idle(now)
+            // A key a run has used keeps its record (its status) for its thread's retirement
+            // or the sweep, as without a lock.
+            waiters.is_some() && e.record.is_none() && e.slot.is_none()
         });
         drop(removed);
         if let Some(w) = waiters {
@@ -2584,7 +2606,10 @@ impl Inner {
         let now = Instant::now();
         // The removed entry is dropped here, after the shard lock.
         let _removed = this.keys.remove_if(&old.key, |_, e| {
-            std::ptr::eq(Arc::as_ptr(&e.record), old.record.as_ptr()) && e.idle(now)
+            e.record
+                .as_ref()
+                .is_some_and(|r| std::ptr::eq(Arc::as_ptr(r), old.record.as_ptr()))
+                && e.idle(now)
         });
     }
 

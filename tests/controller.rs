@@ -122,6 +122,8 @@ async fn manual_locks_and_runs_take_one_lock_per_key() {
         "other jobs' keys too"
     );
     assert_eq!((ctl.len(), ctl.footprint().locks), (1, 1));
+    assert!(ctl.status("j", "k").is_none(), "a lock alone is no status");
+    assert!(ctl.statuses().is_empty());
     let err = ctl.acquire("j", "k", ms(50)).await.unwrap_err();
     assert!(
         matches!(&err, JobError::LockTimeout { job, key, waited } if &**job == "j" && &**key == "k" && *waited == ms(50)),
