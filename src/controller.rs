@@ -1962,8 +1962,8 @@ impl Inner {
     }
 
     /// Takes `rk`'s lock for `owner` (a run id, or [`MANUAL`]) if it is free; never waits. A
-    /// key with no entry gets one (a manual lock on a key that never ran): it goes again with
-    /// the lock, if nothing else is in it.
+    /// key with no entry gets one without a record (a manual lock on a key that never ran),
+    /// which goes again with the lock if no run used it meanwhile ([`Inner::unlock_key`]).
     fn try_lock_key(&self, rk: &RunKey, owner: u64) -> Option<FencingToken> {
         let mut e = self
             .keys
