@@ -426,6 +426,8 @@ mod tests {
         assert!(lock.is_held());
         assert!(lock.try_take(8, &mut token).is_none(), "held");
         let mut waiter = lock.wait().expect("held");
+        // Registered, never polled before the release.
+        let mut unpolled = lock.wait().expect("held");
         let (count, waker) = crate::testing::waker();
         let mut cx = Context::from_waker(&waker);
         assert!(waiter.as_mut().poll(&mut cx).is_pending());
@@ -446,6 +448,7 @@ mod tests {
         waiters.wake();
         assert_eq!(count.woken(), 1, "the waiter was woken");
         assert_eq!(waiter.as_mut().poll(&mut cx), Poll::Ready(()));
+        assert_eq!(unpolled.as_mut().poll(&mut cx), Poll::Ready(()));
         assert!(lock.try_take(8, &mut token).unwrap() > t, "tokens increase");
     }
 
